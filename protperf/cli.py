@@ -1,0 +1,51 @@
+"""The `protperf` command: one verb per module, imported only when that verb runs.
+
+Each verb module exposes ``main(argv: list[str]) -> int | None``; its own parser (jsonargparse or
+LightningCLI) gives the verb's ``--help``. Keeping imports lazy makes ``protperf --help`` instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from protperf import __version__
+
+#: verb -> (module, one-line summary). A verb joins this table when its issue lands.
+VERBS: dict[str, tuple[str, str]] = {}
+
+
+def _usage() -> str:
+    width = max((len(verb) for verb in VERBS), default=0)
+    lines = [
+        "usage: protperf <verb> [options]    (protperf <verb> --help for a verb's options)",
+        "",
+        "Protein language models on Performers (FAVOR+ linear attention).",
+        "",
+        "verbs:",
+    ]
+    lines += [f"  {verb:<{width}}  {summary}" for verb, (_, summary) in VERBS.items()]
+    lines += ["", "options:", "  -h, --help     show this message", "  --version      show the version"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``protperf <verb> ...`` to the verb's module; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"protperf {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"protperf: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    status = module.main(rest)
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
