@@ -16,18 +16,22 @@ Kernels (one interface, :class:`FastAttention`):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from protperf.favor import FEATURE_MAPS, BidirectionalFavor, CausalFavor
+
 Kernel = Literal["softmax", "relu", "exact"]
 FeatureType = Literal["orthogonal", "iid", "deterministic"]
 
-SOFTMAX_STABILIZER = 1e-6
-RELU_STABILIZER = 1e-3
-DEFAULT_CHUNK_SIZE = 128
+SOFTMAX_STABILIZER = FEATURE_MAPS["softmax"].default_eps  # 1e-6, as the official code
+RELU_STABILIZER = FEATURE_MAPS["relu"].default_eps  # 1e-3
+DEFAULT_CHUNK_SIZE = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +52,8 @@ def gaussian_orthogonal_projection(
     blocks = []
     for _ in range(math.ceil(num_features / dim)):
         gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        q, r = torch.linalg.qr(gaussian)
+        # numpy's QR: torch's spends milliseconds in thread start-up for a d x d matrix.
+        q, r = (torch.from_numpy(x) for x in np.linalg.qr(gaussian.numpy()))
         # Sign-fix so that Q is Haar-distributed (QR alone leaves a sign bias).
         q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
         blocks.append(q.T)
@@ -131,57 +136,25 @@ def relu_kernel_features(
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear attention given features
-# ---------------------------------------------------------------------------------------------
-
-
-def _append_ones(v: Tensor) -> Tensor:
-    """(…, L, d) -> (…, L, d+1): the extra column carries the normaliser through the same matmuls."""
-    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
-
-
-def linear_attention(query_features: Tensor, key_features: Tensor, v: Tensor) -> Tensor:
-    """Bidirectional FAVOR+: D^-1 Q'(K'^T V). Features (B, H, L, m), v (B, H, L, d) -> (B, H, L, d)."""
-    values = _append_ones(v)
-    context = key_features.transpose(-2, -1) @ values  # (B, H, m, d+1)
-    out = query_features @ context
-    return out[..., :-1] / out[..., -1:]
-
-
-def causal_linear_attention(
-    query_features: Tensor, key_features: Tensor, v: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Tensor:
-    """Causal FAVOR+ in chunks: out_i = sum_{j<=i} (q'_i.k'_j) v_j / sum_{j<=i} q'_i.k'_j.
-
-    Features (B, H, L, m), v (B, H, L, d) -> (B, H, L, d). Within a chunk of C positions the
-    masked C x C product is formed; across chunks a prefix sum of per-chunk K'^T V states
-    (L/C states of m x (d+1)) carries the past, so no L x m x d tensor is ever formed.
-    """
-    batch, heads, length, num_features = query_features.shape
-    chunk = min(chunk_size, length)
-    padded = math.ceil(length / chunk) * chunk
-    values = _append_ones(v)
-    if padded != length:
-        extra = (0, 0, 0, padded - length)
-        query_features = F.pad(query_features, extra)
-        key_features = F.pad(key_features, extra)
-        values = F.pad(values, extra)
-    n = padded // chunk
-    qc = query_features.reshape(batch, heads, n, chunk, num_features)
-    kc = key_features.reshape(batch, heads, n, chunk, num_features)
-    vc = values.reshape(batch, heads, n, chunk, values.shape[-1])
-    chunk_states = kc.transpose(-2, -1) @ vc  # (B, H, n, m, d+1)
-    past = torch.cumsum(chunk_states, dim=2)
-    past = torch.cat([torch.zeros_like(past[:, :, :1]), past[:, :, :-1]], dim=2)
-    scores = (qc @ kc.transpose(-2, -1)).tril()  # (B, H, n, C, C)
-    out = qc @ past + scores @ vc
-    out = out.reshape(batch, heads, padded, -1)[:, :, :length]
-    return out[..., :-1] / out[..., -1:]
-
-
-# ---------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeState:
+    """What one causal attention layer remembers while decoding token by token.
+
+    FAVOR+ (constant size, whatever the length):
+        context (B, H, m, d+1): sum over past keys of E_k^T [v, 1], at the scale exp(-key_max);
+        value_sum (B, H, 1, d+1): sum over past keys of [v, 1] (the stabiliser's share);
+        key_max (B, H, 1, 1): the running max of the key logits (softmax kernel only).
+    Exact attention (grows with the length): context holds the keys (B, H, t, d), value_sum the
+    values (B, H, t, d).
+    """
+
+    context: Tensor
+    value_sum: Tensor
+    key_max: Tensor | None = None
 
 
 class FastAttention(nn.Module):
@@ -196,6 +169,8 @@ class FastAttention(nn.Module):
             (no projection; the default and the official code's choice for relu).
         chunk_size: block length of the causal computation.
         seed: seed of the initial features; :meth:`redraw` draws new ones.
+        stabilizer: added to every feature (default 1e-6 for softmax, 1e-3 for relu, as the
+            official code); 0 makes the output exactly invariant to the max-subtraction.
     """
 
     def __init__(
@@ -208,6 +183,7 @@ class FastAttention(nn.Module):
         feature_type: FeatureType | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         seed: int = 0,
+        stabilizer: float | None = None,
     ) -> None:
         super().__init__()
         if kernel not in ("softmax", "relu", "exact"):
@@ -224,6 +200,7 @@ class FastAttention(nn.Module):
         self.causal = causal
         self.feature_type = feature_type
         self.chunk_size = chunk_size
+        self.feature_map = FEATURE_MAPS[kernel](stabilizer) if kernel in FEATURE_MAPS else None
         has_projection = kernel != "exact" and feature_type != "deterministic"
         shape = (num_features, head_dim) if has_projection else (0, head_dim)
         self.register_buffer("projection", torch.zeros(shape), persistent=True)
@@ -243,47 +220,108 @@ class FastAttention(nn.Module):
             return
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         if self.feature_type == "orthogonal":
-            new = gaussian_orthogonal_projection(self.num_features, self.head_dim, generator=generator)
+            new = gaussian_orthogonal_projection(
+                self.num_features, self.head_dim, generator=generator
+            )
         else:
             new = gaussian_iid_projection(self.num_features, self.head_dim, generator=generator)
         self.projection.copy_(new.to(self.projection.device))
 
-    def features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(query features, key features), each (B, H, L, m), computed in float32."""
-        q, k = q.float(), k.float()
-        if self.kernel == "softmax":
-            return (
-                softmax_kernel_features(q, self.projection, is_query=True),
-                softmax_kernel_features(
-                    k, self.projection, is_query=False, key_padding_mask=key_padding_mask
-                ),
-            )
-        projection = self.projection if self.projection.shape[0] else None
-        return (
-            relu_kernel_features(q, projection),
-            relu_kernel_features(k, projection, key_padding_mask=key_padding_mask),
-        )
+    def feature_weights(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """The (d, m) matrix the fused kernels multiply by (None: no projection)."""
+        if self.projection.shape[0] == 0:
+            return None
+        scale = self.head_dim**-0.25 if self.kernel == "softmax" else 1.0
+        return (self.projection.to(dtype) * scale).T.contiguous()
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Attend. q, k, v: (B, H, L, d); key_padding_mask: (B, L), True = padding -> (B, H, L, d).
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """Attend. q, k, v: (B, H, L, d); key_padding_mask: (B, L) bool, True = padding.
 
-        Outputs at padded positions are zero.
+        Returns (B, H, L, d) in v's dtype, zero at padded positions. FAVOR+ runs in float32
+        (also under autocast), so that features and their sums stay finite at any length.
         """
         if self.kernel == "exact":
             out = self._exact(q, k, v, key_padding_mask)
         else:
-            with torch.autocast(device_type=q.device.type, enabled=False):
-                query_features, key_features = self.features(q, k, key_padding_mask)
-            dtype = v.dtype if not torch.is_autocast_enabled(q.device.type) else torch.get_autocast_dtype(q.device.type)
-            query_features, key_features = query_features.to(dtype), key_features.to(dtype)
-            v = v.to(dtype)
-            if self.causal:
-                out = causal_linear_attention(query_features, key_features, v, chunk_size=self.chunk_size)
-            else:
-                out = linear_attention(query_features, key_features, v)
+            out = self._favor(q, k, v, key_padding_mask)
         if key_padding_mask is not None:
             out = out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         return out
+
+    def _favor(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        batch, heads, length, dim = q.shape
+        rows = batch * heads
+        # float32 at least (float64 stays float64), whatever autocast or the inputs say.
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q32, k32, v32 = (x.to(dtype).reshape(rows, length, dim) for x in (q, k, v))
+            valid = None
+            if key_padding_mask is not None:
+                valid = ~key_padding_mask[:, None, :, None].expand(batch, heads, length, 1)
+                valid = valid.reshape(rows, length, 1)
+            feature_map = self.feature_map
+            w = self.feature_weights(dtype)
+            if not self.causal:
+                out = BidirectionalFavor.apply(q32, k32, v32, w, valid, feature_map)
+            else:
+                chunk = min(self.chunk_size, length)
+                extra = -length % chunk
+                if extra:
+                    # Pad to whole chunks; the extra keys are invalid, the extra rows dropped.
+                    q32, k32, v32 = (F.pad(x, (0, 0, 0, extra)) for x in (q32, k32, v32))
+                    if valid is None:
+                        valid = q32.new_ones(rows, length, 1, dtype=torch.bool)
+                    valid = F.pad(valid, (0, 0, 0, extra), value=False)
+                out = CausalFavor.apply(q32, k32, v32, w, valid, feature_map, chunk)[:, :length]
+        return out.reshape(batch, heads, length, dim).to(v.dtype)
+
+    @torch.no_grad()
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState | None = None
+    ) -> tuple[Tensor, DecodeState]:
+        """One decoding step of causal attention: q, k, v (B, H, 1, d) -> (B, H, 1, d), new state.
+
+        FAVOR+ keeps an m x (d+1) state per head, so a step costs O(m d) whatever the position.
+        The result equals the causal forward pass at that position up to the key stabiliser: the
+        forward subtracts the max over all keys, a step the max over the keys so far, which
+        changes only the relative size of the 1e-6 term.
+        """
+        if not self.causal:
+            raise RuntimeError("step() decodes causal attention; this module is bidirectional")
+        if self.kernel == "exact":
+            keys = k if state is None else torch.cat([state.context, k], dim=-2)
+            values = v if state is None else torch.cat([state.value_sum, v], dim=-2)
+            out = F.scaled_dot_product_attention(q, keys, values)
+            return out, DecodeState(keys, values)
+        dtype = v.dtype
+        compute = torch.promote_types(dtype, torch.float32)
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        w = self.feature_weights(compute)
+        feature_map = self.feature_map
+        values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, 1, d+1)
+        query_features = feature_map.queries(q, w)
+        if self.kernel == "softmax":
+            logits = k @ w
+            logits = logits - k.pow(2).sum(-1, keepdim=True) * (0.5 / math.sqrt(self.head_dim))
+            key_max = logits.amax(dim=-1, keepdim=True)
+            if state is not None:
+                key_max = torch.maximum(key_max, state.key_max)
+            key_features = torch.exp(logits - key_max)
+        else:
+            key_max, key_features = None, feature_map.keys(k, w, None)
+        context = key_features.transpose(-2, -1) @ values  # (B, H, m, d+1)
+        value_sum = values
+        if state is not None:
+            previous = state.context
+            if key_max is not None:
+                previous = previous * torch.exp(state.key_max - key_max)
+            context, value_sum = context + previous, values + state.value_sum
+        eps = feature_map.eps
+        out = (query_features + eps) @ (context + eps * value_sum)
+        out = out[..., :-1] / out[..., -1:]
+        return out.to(dtype), DecodeState(context, value_sum, key_max)
 
     def _exact(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         if key_padding_mask is None:

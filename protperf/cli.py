@@ -10,9 +10,20 @@ import importlib
 import sys
 
 from protperf import __version__
+from protperf.runtime import tune_cpu_allocator
 
 #: verb -> (module, one-line summary). A verb joins this table when its issue lands.
-VERBS: dict[str, tuple[str, str]] = {}
+VERBS: dict[str, tuple[str, str]] = {
+    "prepare-data": (
+        "protperf.prepare",
+        "download a UniProt release (or read FASTA/flat files) into tokenized HDF5 datasets",
+    ),
+    "train": (
+        "protperf.train",
+        "train a Performer protein LM (Lightning; YAML configs, multi-GPU)",
+    ),
+    "plot": ("protperf.plot", "draw a run's accuracy and perplexity curves (PNG)"),
+}
 
 
 def _usage() -> str:
@@ -25,7 +36,12 @@ def _usage() -> str:
         "verbs:",
     ]
     lines += [f"  {verb:<{width}}  {summary}" for verb, (_, summary) in VERBS.items()]
-    lines += ["", "options:", "  -h, --help     show this message", "  --version      show the version"]
+    lines += [
+        "",
+        "options:",
+        "  -h, --help     show this message",
+        "  --version      show the version",
+    ]
     return "\n".join(lines)
 
 
@@ -42,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"protperf: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    tune_cpu_allocator()  # before torch is imported: see protperf/runtime.py
     module = importlib.import_module(VERBS[verb][0])
     status = module.main(rest)
     return int(status or 0)

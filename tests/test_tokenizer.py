@@ -56,4 +56,10 @@ def test_tokenizer_json_reproduces_ids(tmp_path, proteome_dir):
 def test_tokenizer_json_keeps_special_tokens_whole(tmp_path, token):
     hf = tok.build_hf_tokenizer()
     ids = hf.encode(f"MK{token}A").ids
-    assert ids == [tok.BOS, *tok.encode("MK").tolist(), tok.VOCAB.index(token), tok.encode("A")[0], tok.EOS]
+    assert ids == [
+        tok.BOS,
+        *tok.encode("MK").tolist(),
+        tok.VOCAB.index(token),
+        tok.encode("A")[0],
+        tok.EOS,
+    ]

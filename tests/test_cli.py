@@ -1,0 +1,39 @@
+"""The `protperf` command itself: help, version, unknown verbs, and every verb answering --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from protperf import __version__, cli
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "protperf.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_every_registered_verb():
+    completed = run_cli("--help")
+    assert completed.returncode == 0
+    assert "usage: protperf" in completed.stdout
+    for verb, (_, summary) in cli.VERBS.items():
+        assert verb in completed.stdout and summary in completed.stdout
+
+
+def test_version_and_unknown_verb(capsys):
+    assert cli.main(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+    assert cli.main(["no-such-verb"]) == 2
+    assert "unknown verb 'no-such-verb'" in capsys.readouterr().err
+    assert cli.main([]) == 2
+
+
+@pytest.mark.parametrize("verb", sorted(cli.VERBS))
+def test_every_verb_has_help(verb):
+    completed = run_cli(verb, "--help")
+    assert completed.returncode == 0, completed.stderr
+    assert "--" in completed.stdout  # lists its options
