@@ -284,9 +284,8 @@ class FastAttention(nn.Module):
         """One decoding step of causal attention: q, k, v (B, H, 1, d) -> (B, H, 1, d), new state.
 
         FAVOR+ keeps an m x (d+1) state per head, so a step costs O(m d) whatever the position.
-        The result equals the causal forward pass at that position up to the key stabiliser: the
-        forward subtracts the max over all keys, a step the max over the keys so far, which
-        changes only the relative size of the 1e-6 term.
+        The result equals the causal forward pass at that position (both scale keys by the
+        running max of their logits, which only the past determines), up to rounding.
         """
         if not self.causal:
             raise RuntimeError("step() decodes causal attention; this module is bidirectional")
@@ -302,15 +301,12 @@ class FastAttention(nn.Module):
         feature_map = self.feature_map
         values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, 1, d+1)
         query_features = feature_map.queries(q, w)
-        if self.kernel == "softmax":
-            logits = k @ w
-            logits = logits - k.pow(2).sum(-1, keepdim=True) * (0.5 / math.sqrt(self.head_dim))
-            key_max = logits.amax(dim=-1, keepdim=True)
+        key_features, key_max = feature_map.keys(k, w, None)
+        if key_max is not None:  # softmax: scale the new key, and the past, to the running max
+            log_scale = key_max
             if state is not None:
-                key_max = torch.maximum(key_max, state.key_max)
-            key_features = torch.exp(logits - key_max)
-        else:
-            key_max, key_features = None, feature_map.keys(k, w, None)
+                key_max = torch.maximum(log_scale, state.key_max)
+            key_features = key_features * torch.exp(log_scale - key_max)
         context = key_features.transpose(-2, -1) @ values  # (B, H, m, d+1)
         value_sum = values
         if state is not None:

@@ -3,28 +3,35 @@
 Why this exists: autograd through the plain formulation keeps every L x m intermediate
 (projections, exponentials, stabilisers, features with the stabiliser added) and allocates a fresh
 one per operation, which on a CPU costs more in page faults and memory traffic than in arithmetic.
-Here the feature exponentials are computed in place, the stabiliser eps, the key norms and the
-normaliser are folded into small L x (d+1) or m x (d+1) products, and the causal kernel works one
-batch-and-head row at a time, recomputing that row's features in the backward instead of storing
-them.
+Here the feature exponentials are computed in place; the stabiliser eps, the key norms, the
+normaliser and the key scales are folded into small L x (d+1) or m x (d+1) products; and the causal
+kernel works on blocks of batch-and-head rows, recomputing a block's features in the backward
+instead of storing them.
 
 Notation (per batch-and-head row; the leading dimension N = batch * heads):
     q, k, v   (N, L, d)     inputs;   W (d, m): the projection (already scaled by d^-1/4 for softmax)
-    E_q, E_k  (N, L, m)     features without the stabiliser (zero at padded keys)
-    Q'' = E_q + eps,  K'' = E_k + eps * valid      the features of the official code
+    E_q       (N, L, m)     query features without the stabiliser
+    Ê_k, g    (N, L, m), (N, L, 1)   key features and their log-scales: a key's feature is
+                            Ê_k exp(g - M) for a reference M (zero and -inf at padded keys)
+    Q'' = E_q + eps,  K'' = Ê_k exp(g - M) + eps * valid      the features of the official code
     V~ = [v, 1]  (N, L, d+1)                       the last output column is the normaliser
-    out_i = sum_j A_ij V~_j,  A = Q'' K''^T (lower triangle when causal),  result = out / out[:, d]
+    out_i = sum_j (Q''_i . K''_j) V~_j  (j <= i when causal),   result = out / out[:, d]
 
-Softmax features: E_q = exp(qW - max_j (qW)_j) and E_k = exp(kW - |k|^2/(2 sqrt d) - M), M the max
-over the row's valid keys. The per-query max and M cancel between numerator and normaliser and are
-constants in the backward, as the official code's stop_gradient makes them.
-ReLU (generalized) features: E = ReLU(xW), or ReLU(x) without a projection; eps = 1e-3.
+Softmax: E_q = exp(qW - max_j (qW)_j), Ê_k = exp(kW - max_j (kW)_j), g = max_j (kW)_j - |k|^2/(2 sqrt d),
+so that Ê_k exp(g) = exp(kW - |k|^2/(2 sqrt d)), the FAVOR+ positive feature up to m^-1/2. The
+per-position maxima and M cancel between numerator and normaliser and are constants in the
+backward (the official code's stop_gradient).
+* Bidirectional: M is the max of g over the row's valid keys (as the official code).
+* Causal: query i uses M_i = max of g over the keys j <= i, so that its output depends on the past
+  alone, in value as well as in gradient, and equals the token-by-token recurrence
+  (``FastAttention.step``), which can only know the past. Every scale exp(g_j - M_i) is <= 1.
+ReLU (generalized): E = ReLU(xW), or ReLU(x) without a projection; no scales; eps = 1e-3.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -45,16 +52,26 @@ class FeatureMap:
         """(N, L, d) -> E_q (N, L, m)."""
         raise NotImplementedError
 
-    def keys(self, k: Tensor, w: Tensor | None, valid: Tensor | None) -> Tensor:
-        """(N, L, d) -> E_k (N, L, m), zero where ``valid`` (N, L, 1) is False."""
+    def keys(
+        self, k: Tensor, w: Tensor | None, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(N, L, d) -> Ê_k (N, L, m), zero where ``valid`` (N, L, 1) is False, and the log-scales
+        g (N, L, 1), -inf where invalid (None: every key has scale 1)."""
         raise NotImplementedError
 
     def query_grad(self, grad: Tensor, features: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
         """dE_q (N, L, m, overwritten) -> dq (N, L, d)."""
         raise NotImplementedError
 
-    def key_grad(self, grad: Tensor, features: Tensor, k: Tensor, w: Tensor | None) -> Tensor:
-        """dE_k (N, L, m, overwritten) -> dk (N, L, d)."""
+    def key_grad(
+        self,
+        grad: Tensor,
+        features: Tensor,
+        k: Tensor,
+        w: Tensor | None,
+        grad_log_scale: Tensor | None,
+    ) -> Tensor:
+        """dÊ_k (N, L, m, overwritten) and dg (N, L, 1) -> dk (N, L, d)."""
         raise NotImplementedError
 
 
@@ -68,25 +85,32 @@ class SoftmaxFeatures(FeatureMap):
         logits.sub_(logits.amax(dim=-1, keepdim=True))
         return logits.exp_()
 
-    def keys(self, k: Tensor, w: Tensor | None, valid: Tensor | None) -> Tensor:
+    def keys(
+        self, k: Tensor, w: Tensor | None, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         logits = torch.matmul(k, w)
-        half_sq_norm = k.pow(2).sum(dim=-1, keepdim=True) * (0.5 / math.sqrt(k.shape[-1]))
-        row_max = logits.amax(dim=-1, keepdim=True) - half_sq_norm
+        row_max = logits.amax(dim=-1, keepdim=True)
+        features = logits.sub_(row_max).exp_()
+        log_scale = row_max - k.pow(2).sum(dim=-1, keepdim=True) * (0.5 / math.sqrt(k.shape[-1]))
         if valid is not None:
-            row_max.masked_fill_(~valid, -math.inf)
-        offset = half_sq_norm + row_max.amax(dim=-2, keepdim=True)
-        if valid is not None:
-            offset.masked_fill_(~valid, math.inf)
-        return logits.sub_(offset).exp_()
+            features.masked_fill_(~valid, 0.0)
+            log_scale.masked_fill_(~valid, -math.inf)
+        return features, log_scale
 
     def query_grad(self, grad: Tensor, features: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
         return torch.matmul(grad.mul_(features), w.T)
 
-    def key_grad(self, grad: Tensor, features: Tensor, k: Tensor, w: Tensor | None) -> Tensor:
-        # Through k W and through -|k|^2 / (2 sqrt d): one matmul gives both (last column = row sum).
-        w_and_ones = torch.cat([w.T, w.new_ones(w.shape[1], 1)], dim=1)  # (m, d+1)
-        g = torch.matmul(grad.mul_(features), w_and_ones)
-        return g[..., :-1] - g[..., -1:] * k * (1.0 / math.sqrt(k.shape[-1]))
+    def key_grad(
+        self,
+        grad: Tensor,
+        features: Tensor,
+        k: Tensor,
+        w: Tensor | None,
+        grad_log_scale: Tensor | None,
+    ) -> Tensor:
+        # g = max(kW) - |k|^2 / (2 sqrt d), the max being a constant: dg/dk = -k / sqrt d.
+        grad_k = torch.matmul(grad.mul_(features), w.T)
+        return grad_k.sub_(grad_log_scale * k * (1.0 / math.sqrt(k.shape[-1])))
 
 
 class ReluFeatures(FeatureMap):
@@ -97,15 +121,25 @@ class ReluFeatures(FeatureMap):
     def queries(self, q: Tensor, w: Tensor | None) -> Tensor:
         return torch.matmul(q, w).relu_() if w is not None else q.clamp(min=0)
 
-    def keys(self, k: Tensor, w: Tensor | None, valid: Tensor | None) -> Tensor:
+    def keys(
+        self, k: Tensor, w: Tensor | None, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         features = self.queries(k, w)
-        return features if valid is None else features.masked_fill_(~valid, 0.0)
+        return (features if valid is None else features.masked_fill_(~valid, 0.0)), None
 
     def query_grad(self, grad: Tensor, features: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
         grad = grad.masked_fill_(features <= 0, 0.0)
         return torch.matmul(grad, w.T) if w is not None else grad
 
-    key_grad = query_grad
+    def key_grad(
+        self,
+        grad: Tensor,
+        features: Tensor,
+        k: Tensor,
+        w: Tensor | None,
+        grad_log_scale: Tensor | None,
+    ) -> Tensor:
+        return self.query_grad(grad, features, k, w)
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {"softmax": SoftmaxFeatures, "relu": ReluFeatures}
@@ -137,60 +171,185 @@ class BidirectionalFavor(torch.autograd.Function):
     """out = D^-1 Q''(K''^T V~): q, k, v (N, L, d) -> (N, L, d).
 
     ``apply(q, k, v, w, valid, feature_map)``: w (d, m) or None, valid (N, L, 1) bool or None.
+    The key scales exp(g - M) multiply the values (N x L x (d+1)), not the features.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, w, valid, feature_map: FeatureMap):
         eps = feature_map.eps
-        eq, ek = feature_map.queries(q, w), feature_map.keys(k, w, valid)
+        eq = feature_map.queries(q, w)
+        ek, log_scale = feature_map.keys(k, w, valid)
         values = _values_with_ones(v)
+        scale = None
+        if log_scale is not None:
+            reference = log_scale.amax(dim=-2, keepdim=True).clamp_min(torch.finfo(v.dtype).min)
+            scale = torch.exp(log_scale - reference)  # (N, L, 1), 0 at padding
+        scaled_values = values if scale is None else values * scale
         valid_values = values if valid is None else values * valid
-        # C = K''^T V~ = E_k^T V~ + eps * sum_l valid_l V~_l    (N, m, d+1)
-        context = torch.matmul(ek.transpose(-2, -1), values)
+        # C = K''^T V~ = Ê_k^T (scale V~) + eps * sum_l valid_l V~_l      (N, m, d+1)
+        context = torch.matmul(ek.transpose(-2, -1), scaled_values)
         context.add_(valid_values.sum(dim=-2, keepdim=True), alpha=eps)
         # out = Q'' C = E_q C + eps * sum_j C_j
         out = torch.matmul(eq, context)
         out.add_(context.sum(dim=-2, keepdim=True), alpha=eps)
         normalised, denominator = _normalise(out)
-        ctx.save_for_backward(q, k, w, eq, ek, values, context, normalised, denominator, valid)
+        ctx.save_for_backward(
+            q, k, w, eq, ek, values, scale, context, normalised, denominator, valid
+        )
         ctx.feature_map = feature_map
         return normalised
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, w, eq, ek, values, context, normalised, denominator, valid = ctx.saved_tensors
+        q, k, w, eq, ek, values, scale, context, normalised, denominator, valid = ctx.saved_tensors
         feature_map = ctx.feature_map
         eps = feature_map.eps
         grad_out = _output_gradient(grad, normalised, denominator)  # (N, L, d+1)
         # dC = Q''^T dOut
         grad_context = torch.matmul(eq.transpose(-2, -1), grad_out)
         grad_context.add_(grad_out.sum(dim=-2, keepdim=True), alpha=eps)
-        # dE_q = dOut C^T;  dE_k = V~ dC^T (zero at padding after the feature map's backward)
         grad_q = feature_map.query_grad(torch.matmul(grad_out, context.transpose(-2, -1)), eq, q, w)
-        grad_k = feature_map.key_grad(
-            torch.matmul(values, grad_context.transpose(-2, -1)), ek, k, w
-        )
-        # dV~ = K'' dC
-        grad_values = torch.matmul(ek, grad_context)
+        # Keys: dÊ_k = (scale V~) dC^T;  H = Ê_k dC gives dV~ and d(scale).
+        scaled_values = values if scale is None else values * scale
+        grad_ek = torch.matmul(scaled_values, grad_context.transpose(-2, -1))
+        through_keys = torch.matmul(ek, grad_context)  # (N, L, d+1)
+        grad_log_scale = None
+        if scale is not None:
+            grad_log_scale = (through_keys * values).sum(dim=-1, keepdim=True).mul_(scale)
+            through_keys.mul_(scale)
+        grad_k = feature_map.key_grad(grad_ek, ek, k, w, grad_log_scale)
         eps_term = grad_context.sum(dim=-2, keepdim=True) * eps
-        grad_values.add_(eps_term if valid is None else eps_term * valid)
+        grad_values = through_keys.add_(eps_term if valid is None else eps_term * valid)
         return grad_q, grad_k, grad_values[..., :-1], None, None, None
 
 
-def _exclusive_prefix(x: Tensor, out: Tensor | None = None, reverse: bool = False) -> Tensor:
-    """The sum of the chunks strictly before (after, with ``reverse``) each chunk.
+@dataclass
+class _ChunkedFeatures:
+    """One block of R rows of causal FAVOR+, in n chunks of C positions.
 
-    x: (n, m, f) -> (n, m, f), written into ``out`` when given. A loop of n small adds: cheaper
-    on a CPU than cumsum plus a shift (strided, allocating), and summed in a fixed order.
+    eq, ek (R, n, C, m); valid (R, n, C, 1) float or None. With key scales (softmax):
+    query_scale (R, n, C, 1) = exp(M_prev - M_i), key_scale (R, n, C, 1) = exp(g_j - M_chunk),
+    carry (R, n, 1, 1) = exp(M_prev - M_chunk), where M_i is the running max of g up to i,
+    M_chunk its value at the chunk's end and M_prev at the previous chunk's end. decay
+    (R, n, C, C) = exp(g_j - M_i) for j <= i, else 0 (the lower triangle of ones without scales).
     """
-    out = torch.empty_like(x) if out is None else out
-    order = list(range(x.shape[0]))
-    if reverse:
-        order.reverse()
-    out[order[0]].zero_()
-    for previous, index in itertools.pairwise(order):
-        torch.add(out[previous], x[previous], out=out[index])
+
+    eq: Tensor
+    ek: Tensor
+    log_scale: Tensor | None
+    valid: Tensor | None
+    query_scale: Tensor | None
+    key_scale: Tensor | None
+    carry: Tensor | None
+    decay: Tensor
+
+    def intra_attention(self, scores: Tensor, query_total: Tensor, eps: float) -> Tensor:
+        """A = lower triangle of decay * X + eps (rowsum E_q + m eps) valid^T: (R, n, C, C)."""
+        attention = self.decay * scores
+        if self.valid is None:
+            attention.add_(query_total, alpha=eps)
+        else:
+            attention.addcmul_(query_total, self.valid.transpose(-2, -1), value=eps)
+        return attention.tril_()
+
+
+def _chunked_features(
+    feature_map: FeatureMap,
+    q: Tensor,
+    k: Tensor,
+    w: Tensor | None,
+    valid: Tensor | None,
+    chunk: int,
+) -> _ChunkedFeatures:
+    """Features and causal scales of a block of rows: q, k (R, L, d), valid (R, L, 1) or None."""
+    rows, length = q.shape[:2]
+    n = length // chunk
+    eq = feature_map.queries(q, w).view(rows, n, chunk, -1)
+    ek, log_scale = feature_map.keys(k, w, valid)
+    ek = ek.view(rows, n, chunk, -1)
+    valid_c = None if valid is None else valid.view(rows, n, chunk, 1).to(q.dtype)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril_()
+    if log_scale is None:
+        decay = lower.to(q.dtype).expand(rows, n, chunk, chunk)
+        return _ChunkedFeatures(eq, ek, None, valid_c, None, None, None, decay)
+    floor = torch.finfo(q.dtype).min / 4  # "no valid key yet": finite, so floor - floor = 0
+    g = log_scale.view(rows, length)
+    running_max = torch.cummax(g.clamp_min(floor), dim=-1).values.view(rows, n, chunk)
+    chunk_max = running_max[..., -1]  # (R, n)
+    previous_max = torch.cat([chunk_max.new_full((rows, 1), floor), chunk_max[:, :-1]], dim=1)
+    g = g.view(rows, n, chunk)
+    exponent = g.unsqueeze(-2) - running_max.unsqueeze(-1)  # (R, n, C_i, C_j): g_j - M_i
+    decay = exponent.masked_fill_(~lower, -math.inf).exp_()
+    return _ChunkedFeatures(
+        eq,
+        ek,
+        g,
+        valid_c,
+        query_scale=torch.exp(previous_max.unsqueeze(-1) - running_max).unsqueeze(-1),
+        key_scale=torch.exp(g - chunk_max.unsqueeze(-1)).unsqueeze(-1),
+        carry=torch.exp(previous_max - chunk_max)[..., None, None],
+        decay=decay,
+    )
+
+
+def _bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """Batched matmul over (R, n, x, y) tensors, through 3-D views."""
+    result = torch.bmm(
+        a.flatten(0, 1), b.flatten(0, 1), out=None if out is None else out.flatten(0, 1)
+    )
+    return result.view(*a.shape[:2], *result.shape[1:])
+
+
+def _bmm_add_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """out += a @ b in place, over (R, n, x, y) tensors."""
+    out.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1))
     return out
+
+
+def _carry_forward(
+    increments: Tensor, carry: Tensor | None, out: Tensor, reverse: bool = False
+) -> Tensor:
+    """out[c] = sum over chunks before c (after c, with ``reverse``) of increments, each carried by
+    ``carry`` (R, n, 1, 1) per chunk boundary: out[c+1] = carry[c] out[c] + increments[c]
+    (reverse: out[c-1] = carry[c] out[c] + increments[c]). increments, out: (R, n, m, f).
+
+    A loop of n small fused updates: cheaper on a CPU than a scan with allocations.
+    """
+    n = increments.shape[1]
+    order = range(n - 1, -1, -1) if reverse else range(n)
+    first, *rest = order
+    out[:, first].zero_()
+    previous = first
+    for index in rest:
+        if carry is None:
+            torch.add(increments[:, previous], out[:, previous], out=out[:, index])
+        else:
+            torch.addcmul(
+                increments[:, previous], carry[:, previous], out[:, previous], out=out[:, index]
+            )
+        previous = index
+    return out
+
+
+def _exclusive_sum(x: Tensor, reverse: bool = False) -> Tensor:
+    """Sum over the chunks strictly before (after) each chunk: x (R, n, 1, f), small."""
+    zero = torch.zeros_like(x[:, :1])
+    if reverse:
+        return torch.cat([x.flip(1).cumsum(1).flip(1)[:, 1:], zero], dim=1)
+    # A shift, not cumsum - x: rounding would then depend on the chunk itself.
+    return torch.cat([zero, x.cumsum(1)[:, :-1]], dim=1)
+
+
+def _row_blocks(rows: int, length: int, num_features: int, device: torch.device) -> list[slice]:
+    """How rows are grouped. If the features of all rows (two L x m tensors each) fit the keep
+    budget (256 MB on a CPU, 2 GB on a GPU), one block, whose features the backward reuses;
+    otherwise blocks of at most a quarter of that, whose features the backward recomputes."""
+    keep_budget = (2 << 30) if device.type == "cuda" else (256 << 20)
+    per_row = 8 * length * num_features
+    if rows * per_row <= keep_budget:
+        return [slice(0, rows)]
+    size = max(1, keep_budget // 4 // per_row)
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 class CausalFavor(torch.autograd.Function):
@@ -198,9 +357,9 @@ class CausalFavor(torch.autograd.Function):
 
     ``apply(q, k, v, w, valid, feature_map, chunk)``; L must be a multiple of ``chunk`` (the
     caller pads, marking the extra keys invalid). Within a chunk the masked C x C scores are
-    formed; across chunks an exclusive prefix of the chunk states K''_c^T V~_c carries the past.
-    Kept for the backward: the L/C states (m x (d+1) each) and the L x C scores; the L x m
-    features exist for one row at a time. No L x m x d tensor is ever formed.
+    formed; across chunks a carried state (m x (d+1) per chunk) holds the past. Kept for the
+    backward: the L/C states and the L x C scores; the L x m features exist for one block of rows
+    at a time and are recomputed in the backward. No L x m x d tensor is ever formed.
     """
 
     @staticmethod
@@ -209,136 +368,131 @@ class CausalFavor(torch.autograd.Function):
         n = length // chunk
         values = _values_with_ones(v)
         num_features = w.shape[1] if w is not None else q.shape[-1]
-        past = values.new_empty(rows, n, num_features, values.shape[-1])
+        states = values.new_empty(rows, n, num_features, values.shape[-1])
         scores = values.new_empty(rows, n, chunk, chunk)
         out = torch.empty_like(values)
-        for row in range(rows):
-            eq, ek, valid_c = _row_features(feature_map, q, k, w, valid, row, chunk)
-            values_c = values[row].view(n, chunk, -1)
-            _causal_forward_row(
-                eq,
-                ek,
-                values_c,
-                valid_c,
-                feature_map.eps,
-                past[row],
-                scores[row],
-                out[row].view_as(values_c),
+        blocks = _row_blocks(rows, length, num_features, q.device)
+        for block in blocks:
+            features = _chunked_features(
+                feature_map, q[block], k[block], w, None if valid is None else valid[block], chunk
             )
+            shape = (-1, n, chunk, values.shape[-1])
+            _causal_forward_block(
+                features, values[block].view(shape), feature_map.eps, states[block], scores[block],
+                out[block].view(shape),
+            )  # fmt: skip
         normalised, denominator = _normalise(out)
-        ctx.save_for_backward(q, k, w, values, past, scores, normalised, denominator, valid)
+        ctx.save_for_backward(q, k, w, values, states, scores, normalised, denominator, valid)
         ctx.feature_map, ctx.chunk = feature_map, chunk
+        ctx.kept_features = features if len(blocks) == 1 else None
         return normalised
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, w, values, past, scores, normalised, denominator, valid = ctx.saved_tensors
+        q, k, w, values, states, scores, normalised, denominator, valid = ctx.saved_tensors
         feature_map, chunk = ctx.feature_map, ctx.chunk
-        rows, length = k.shape[:2]
+        rows, length = q.shape[:2]
         n = length // chunk
         grad_out = _output_gradient(grad, normalised, denominator)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad)
-        for row in range(rows):
-            eq, ek, valid_c = _row_features(feature_map, q, k, w, valid, row, chunk)
-            grad_eq, grad_ek, grad_values = _causal_backward_row(
-                eq, ek, values[row].view(n, chunk, -1), grad_out[row].view(n, chunk, -1),
-                past[row], scores[row], valid_c, feature_map.eps,
+        for block in _row_blocks(rows, length, states.shape[2], q.device):
+            features = ctx.kept_features
+            if features is None:
+                valid_block = None if valid is None else valid[block]
+                features = _chunked_features(feature_map, q[block], k[block], w, valid_block, chunk)
+            shape = (-1, n, chunk, values.shape[-1])
+            grad_eq, grad_ek, grad_log_scale, grad_values = _causal_backward_block(
+                features, values[block].view(shape), grad_out[block].view(shape), states[block],
+                scores[block], feature_map.eps,
             )  # fmt: skip
-            grad_q[row] = feature_map.query_grad(
-                grad_eq.view(length, -1), eq.view(length, -1), q[row], w
+            flat = (-1, length, grad_eq.shape[-1])
+            grad_q[block] = feature_map.query_grad(
+                grad_eq.view(flat), features.eq.view(flat), q[block], w
             )
-            grad_k[row] = feature_map.key_grad(
-                grad_ek.view(length, -1), ek.view(length, -1), k[row], w
-            )
-            grad_v[row] = grad_values.view(length, -1)[:, :-1]
+            grad_k[block] = feature_map.key_grad(
+                grad_ek.view(flat), features.ek.view(flat), k[block], w,
+                None if grad_log_scale is None else grad_log_scale.view(-1, length, 1),
+            )  # fmt: skip
+            grad_v[block] = grad_values.view(-1, length, values.shape[-1])[..., :-1]
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
-def _row_features(
-    feature_map: FeatureMap,
-    q: Tensor,
-    k: Tensor,
-    w: Tensor | None,
-    valid: Tensor | None,
-    row: int,
-    chunk: int,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """E_q, E_k (n, C, m) and the float validity (n, C, 1) of one batch-and-head row, in chunks."""
-    n = q.shape[1] // chunk
-    valid_row = None if valid is None else valid[row : row + 1]
-    eq = feature_map.queries(q[row], w)
-    ek = feature_map.keys(k[row : row + 1], w, valid_row)[0]
-    valid_c = None if valid is None else valid[row].view(n, chunk, 1).to(q.dtype)
-    return eq.view(n, chunk, -1), ek.view(n, chunk, -1), valid_c
-
-
-def _causal_forward_row(
-    eq: Tensor,
-    ek: Tensor,
-    values: Tensor,
-    valid: Tensor | None,
-    eps: float,
-    past: Tensor,
-    scores: Tensor,
-    out: Tensor,
+def _causal_forward_block(
+    f: _ChunkedFeatures, values: Tensor, eps: float, states: Tensor, scores: Tensor, out: Tensor
 ) -> None:
-    """Forward of :class:`CausalFavor` for one row, in chunks, writing into its outputs.
+    """Forward of :class:`CausalFavor` for one block, writing into its outputs.
 
-    eq, ek (n, C, m); values (n, C, d+1); valid (n, C, 1) or None. Writes ``past`` (n, m, d+1):
-    the exclusive prefix of the chunk states K''_c^T V~_c; ``scores`` (n, C, C): the lower
-    triangle of Q''_c K''_c^T; ``out`` (n, C, d+1): the numerator and the normaliser.
+    values (R, n, C, d+1). Writes ``states`` (R, n, m, d+1): the state entering each chunk,
+    S_c = sum_{j before chunk c} Ê_j^T exp(g_j - M_prev) V~_j; ``scores`` (R, n, C, C):
+    X = E_q Ê_k^T + eps rowsum(Ê_k) (before the decay); ``out`` (R, n, C, d+1): numerator and
+    normaliser.
     """
-    num_features = eq.shape[-1]
-    states = torch.bmm(ek.transpose(-2, -1), values)
-    valid_values = values if valid is None else values * valid
-    states.add_(valid_values.sum(dim=-2, keepdim=True), alpha=eps)
-    _exclusive_prefix(states, out=past)
-    # Q''_c K''_c^T = E_q E_k^T + eps (rowsum(E_q) valid^T + 1 rowsum(E_k)^T + m eps 1 valid^T)
-    torch.bmm(eq, ek.transpose(-2, -1), out=scores)
-    sum_eq = eq.sum(dim=-1, keepdim=True)  # (n, C, 1)
-    sum_ek = ek.sum(dim=-1).unsqueeze(-2)  # (n, 1, C)
-    if valid is None:
-        scores.add_(sum_eq + sum_ek + num_features * eps, alpha=eps)
-    else:
-        scores.add_((sum_eq + num_features * eps) * valid.transpose(-2, -1) + sum_ek, alpha=eps)
-    scores.tril_()
-    torch.bmm(eq, past, out=out)
-    out.add_(past.sum(dim=-2, keepdim=True), alpha=eps)
-    out.baddbmm_(scores, values)
+    num_features = f.eq.shape[-1]
+    scaled_values = values if f.key_scale is None else values * f.key_scale
+    increments = _bmm(f.ek.transpose(-2, -1), scaled_values)  # (R, n, m, d+1)
+    _carry_forward(increments, f.carry, out=states)
+    valid_values = values if f.valid is None else values * f.valid
+    past_values = _exclusive_sum(valid_values.sum(dim=-2, keepdim=True))  # (R, n, 1, d+1)
+    # Intra-chunk scores: decay * (E_q Ê^T + eps rowsum Ê) + eps (rowsum E_q + m eps) valid.
+    _bmm(f.eq, f.ek.transpose(-2, -1), out=scores)
+    scores.add_(f.ek.sum(dim=-1).unsqueeze(-2), alpha=eps)
+    query_total = f.eq.sum(dim=-1, keepdim=True).add_(num_features * eps)  # (R, n, C, 1)
+    attention = f.intra_attention(scores, query_total, eps)
+    # Past chunks, through the carried state, and the stabiliser's share of past values.
+    _bmm(f.eq, states, out=out).add_(states.sum(dim=-2, keepdim=True), alpha=eps)
+    if f.query_scale is not None:
+        out.mul_(f.query_scale)
+    out.addcmul_(query_total, past_values, value=eps)
+    _bmm_add_(out, attention, values)
 
 
-def _causal_backward_row(
-    eq: Tensor,
-    ek: Tensor,
+def _causal_backward_block(
+    f: _ChunkedFeatures,
     values: Tensor,
     grad_out: Tensor,
-    past: Tensor,
+    states: Tensor,
     scores: Tensor,
-    valid: Tensor | None,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of :class:`CausalFavor` for one row, in chunks.
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Backward of :class:`CausalFavor` for one block.
 
-    eq, ek (n, C, m); values, grad_out (n, C, d+1); past (n, m, d+1); scores (n, C, C).
-    Returns dE_q, dE_k (n, C, m) and dV~ (n, C, d+1).
+    values, grad_out (R, n, C, d+1); states (R, n, m, d+1); scores (R, n, C, C) as the forward
+    wrote them. Returns dE_q, dÊ_k (R, n, C, m), dg (R, n, C) or None, and dV~ (R, n, C, d+1).
     """
-    # B_c = dOut_c V~_c^T, lower triangle: couples each query to the keys of its own chunk.
-    b = torch.bmm(grad_out, values.transpose(-2, -1)).tril_()  # (n, C, C)
-    # dQ'' = dOut_c S_c^T + B_c K''_c = dOut_c S_c^T + B_c E_k + eps (B_c valid) 1^T
-    b_valid = b.sum(dim=-1, keepdim=True) if valid is None else torch.bmm(b, valid)
-    grad_eq = torch.bmm(grad_out, past.transpose(-2, -1))
-    grad_eq.baddbmm_(b, ek).add_(b_valid.mul_(eps))
-    # R_c = sum over later chunks of Q''^T dOut: (n, m, d+1)
-    later = torch.bmm(eq.transpose(-2, -1), grad_out)
-    later.add_(grad_out.sum(dim=-2, keepdim=True), alpha=eps)
-    later = _exclusive_prefix(later, reverse=True)
-    # dK'' = V~_c R_c^T + B_c^T Q''_c = V~_c R_c^T + B_c^T E_q + eps (B_c^T 1) 1^T
-    b_cols = b.sum(dim=-2).unsqueeze(-1).mul_(eps)  # (n, C, 1)
-    grad_ek = torch.bmm(values, later.transpose(-2, -1))
-    grad_ek.baddbmm_(b.transpose(-2, -1), eq).add_(b_cols)
-    # dV~ = K''_c R_c + A_c^T dOut_c
-    grad_values = torch.bmm(ek, later)
-    eps_term = later.sum(dim=-2, keepdim=True) * eps
-    grad_values.add_(eps_term if valid is None else eps_term * valid)
-    grad_values.baddbmm_(scores.transpose(-2, -1), grad_out)
-    return grad_eq, grad_ek, grad_values
+    num_features = f.eq.shape[-1]
+    query_total = f.eq.sum(dim=-1, keepdim=True).add_(num_features * eps)
+    attention = f.intra_attention(scores, query_total, eps)
+    # Intra-chunk: B = dOut V~^T (lower triangle); through the decay, B' = B * decay.
+    b = _bmm(grad_out, values.transpose(-2, -1)).tril_()
+    b_decayed = b * f.decay
+    grad_eq = _bmm(b_decayed, f.ek)
+    grad_ek = _bmm(b_decayed.transpose(-2, -1), f.eq)
+    grad_ek.add_(b_decayed.sum(dim=-2).unsqueeze(-1), alpha=eps)  # through rowsum(Ê) in X
+    valid_b = b if f.valid is None else b * f.valid.transpose(-2, -1)
+    grad_query_total = valid_b.sum(dim=-1, keepdim=True).mul_(eps)  # (R, n, C, 1)
+    grad_log_scale = None if f.log_scale is None else (b_decayed * scores).sum(dim=-2)  # (R, n, C)
+    grad_values = _bmm(attention.transpose(-2, -1), grad_out)
+    # Past chunks, for the queries: out += query_scale (E_q S + eps colsum S) + eps qt P.
+    scaled_grad = grad_out if f.query_scale is None else grad_out * f.query_scale
+    _bmm_add_(grad_eq, scaled_grad, states.transpose(-2, -1))
+    to_states = _bmm(f.eq.transpose(-2, -1), scaled_grad)  # dS_c from chunk c's queries
+    to_states.add_(scaled_grad.sum(dim=-2, keepdim=True), alpha=eps)
+    valid_values = values if f.valid is None else values * f.valid
+    past_values = _exclusive_sum(valid_values.sum(dim=-2, keepdim=True))
+    grad_query_total.add_((grad_out * past_values).sum(dim=-1, keepdim=True), alpha=eps)
+    to_past_values = (grad_out * query_total).sum(dim=-2, keepdim=True).mul_(eps)  # (R, n, 1, d+1)
+    # Later chunks, for the keys: the gradient of the state after each chunk.
+    later = _carry_forward(to_states, f.carry, out=torch.empty_like(to_states), reverse=True)
+    through_keys = _bmm(f.ek, later)  # (R, n, C, d+1)
+    if f.key_scale is not None:
+        grad_log_scale.add_((through_keys * values).sum(dim=-1).mul_(f.key_scale.squeeze(-1)))
+        through_keys.mul_(f.key_scale)
+        scaled_values = values * f.key_scale
+    else:
+        scaled_values = values
+    grad_values.add_(through_keys)
+    _bmm_add_(grad_ek, scaled_values, later.transpose(-2, -1))
+    later_values = _exclusive_sum(to_past_values, reverse=True)
+    grad_values.add_(later_values if f.valid is None else later_values * f.valid)
+    grad_eq.add_(grad_query_total)
+    return grad_eq, grad_ek, grad_log_scale, grad_values
