@@ -340,11 +340,15 @@ def _exclusive_sum(x: Tensor, reverse: bool = False) -> Tensor:
     return torch.cat([zero, x.cumsum(1)[:, :-1]], dim=1)
 
 
+#: Budget for the features of all rows of one causal call (two L x m tensors per row): within it
+#: they are computed once and kept for the backward; beyond it, rows go in blocks of a quarter
+#: of the budget whose features the backward recomputes.
+KEEP_FEATURES_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+
+
 def _row_blocks(rows: int, length: int, num_features: int, device: torch.device) -> list[slice]:
-    """How rows are grouped. If the features of all rows (two L x m tensors each) fit the keep
-    budget (256 MB on a CPU, 2 GB on a GPU), one block, whose features the backward reuses;
-    otherwise blocks of at most a quarter of that, whose features the backward recomputes."""
-    keep_budget = (2 << 30) if device.type == "cuda" else (256 << 20)
+    """Groups of rows processed together; a single group means its features are kept."""
+    keep_budget = KEEP_FEATURES_BYTES.get(device.type, KEEP_FEATURES_BYTES["cpu"])
     per_row = 8 * length * num_features
     if rows * per_row <= keep_budget:
         return [slice(0, rows)]

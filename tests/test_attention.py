@@ -345,3 +345,23 @@ def test_causal_output_does_not_depend_on_future_values(kernel):
     out2 = attn(q, k2, v2)
     assert torch.equal(out[:, :, :21], out2[:, :, :21])
     assert not torch.allclose(out[:, :, 21:], out2[:, :, 21:])
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_recomputed_features_give_the_same_gradients(monkeypatch, kernel):
+    """Beyond the memory budget, rows go in blocks and the backward recomputes their features."""
+    import protperf.favor as favor
+
+    attn = FastAttention(
+        head_dim=8, num_features=16, kernel=kernel, causal=True, chunk_size=4
+    ).double()
+    q, k, v = random_qkv(2, 3, 23, 8, seed=12)
+    mask = torch.zeros(2, 23, dtype=torch.bool)
+    mask[0, 17:] = True
+    results = []
+    for budget in (1 << 30, 0):  # one block with kept features; then one row per block
+        monkeypatch.setitem(favor.KEEP_FEATURES_BYTES, "cpu", budget)
+        out = attn(q, k, v, key_padding_mask=mask)
+        results.append((out, *torch.autograd.grad(out.pow(2).sum(), (q, k, v))))
+    for kept, recomputed in zip(*results, strict=True):
+        assert torch.allclose(kept, recomputed, atol=1e-12, rtol=0)
