@@ -1,0 +1,323 @@
+"""The Performer protein language model: one config dataclass and one encoder, nanoGPT-sized.
+
+A stack of pre-LayerNorm blocks (attention -> residual, MLP -> residual) over token embeddings,
+a final LayerNorm and a language-model head. Attention goes through
+:class:`protperf.attention.FastAttention`, so ``kernel`` alone switches between Performer (softmax,
+FAVOR+), Performer (generalized, ReLU features) and the regular Transformer (exact softmax) with
+everything else equal. The same encoder serves both objectives: ``causal=True`` for the
+unidirectional (next-token) model, ``causal=False`` for the bidirectional (masked) one.
+
+Shapes: B batch, L length, D ``dim``, H ``heads``, V ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from protperf.attention import FastAttention
+from protperf.tokenizer import VOCAB_SIZE
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (padding, unmasked positions)
+
+
+@dataclass
+class PerformerConfig:
+    """Architecture of :class:`PerformerLM`. Defaults: the paper's 36-layer protein model."""
+
+    vocab_size: int = VOCAB_SIZE
+    """Token ids (protperf.tokenizer: 5 specials + 25 residues)."""
+    dim: int = 512
+    """Width of the residual stream (d_model)."""
+    depth: int = 36
+    """Number of blocks."""
+    heads: int = 8
+    """Attention heads; head_dim = dim / heads (64 in the paper)."""
+    ff_dim: int = 1024
+    """Hidden width of the MLP (the concat model uses 2048)."""
+    max_length: int = 1024
+    """Training crop length incl. <bos>/<eos>; caps only learned positions, not rotary ones."""
+    kernel: Literal["softmax", "relu", "exact"] = "softmax"
+    """Performer (FAVOR+) / Performer (generalized, ReLU features) / Transformer (exact)."""
+    num_features: int = 256
+    """m, random features per head (softmax kernel)."""
+    feature_type: Literal["orthogonal", "iid", "deterministic"] | None = None
+    """Random features; None: the kernel's default (orthogonal for softmax, none for relu)."""
+    causal: bool = False
+    """True for the unidirectional LM; set by the training mode, not by hand."""
+    positions: Literal["rotary", "learned"] = "rotary"
+    """Rotary (relative, no length cap) or learned absolute embeddings (capped at max_length)."""
+    rotary_base: float = 10000.0
+    """Base of the rotary frequencies."""
+    dropout: float = 0.1
+    """On the embeddings and on each residual branch."""
+    tie_embeddings: bool = True
+    """LM head shares the token embedding matrix."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    chunk_size: int = 128
+    """Block length of the causal FAVOR+ computation."""
+    feature_seed: int = 0
+    """Seed of the initial random features (per-layer seeds derive from it)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block in the backward pass: less activation memory, ~30% slower."""
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        if self.kernel not in ("softmax", "relu", "exact"):
+            raise ValueError(f"kernel must be 'softmax', 'relu' or 'exact', got {self.kernel!r}")
+        if self.positions not in ("rotary", "learned"):
+            raise ValueError(f"positions must be 'rotary' or 'learned', got {self.positions!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("vocab_size", "depth", "ff_dim", "max_length", "num_features", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PerformerConfig:
+        """Build from a dict (e.g. config.json), rejecting unknown keys with a clear error."""
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown PerformerConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+def derive_seed(seed: int, *salts: int) -> int:
+    """A 63-bit seed mixed from ``seed`` and integer salts (splitmix64); equal on every process."""
+    state = int(seed) & 0xFFFFFFFFFFFFFFFF
+    for salt in salts:
+        state = (state + 0x9E3779B97F4A7C15 + (int(salt) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, half-split layout): relative positions, no length cap."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (length, head_dim), for positions offset .. offset+length-1.
+
+        ``offset`` is what incremental decoding will pass for the tokens after a prompt.
+        """
+        positions = torch.arange(offset, offset + length, device=self.inv_freq.device)
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x: (B, H, L, d) by angles (L, d); computed in float32, returned in x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: q/k/v projection, rotary, FastAttention, output projection.
+
+    The forward is deliberately small so that an incremental-decoding state (issue 5) can be
+    threaded through it next to ``rope``'s position offset.
+    """
+
+    def __init__(self, config: PerformerConfig, layer: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = config.heads, config.head_dim
+        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        self.proj = nn.Linear(config.dim, config.dim)
+        self.attention = FastAttention(
+            head_dim=config.head_dim,
+            num_features=config.num_features,
+            kernel=config.kernel,
+            causal=config.causal,
+            feature_type=config.feature_type,
+            chunk_size=config.chunk_size,
+            seed=derive_seed(config.feature_seed, layer),
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """x: (B, L, D); padding_mask: (B, L) bool, True = padding; rope: (cos, sin) -> (B, L, D)."""
+        batch, length, dim = x.shape
+        q, k, v = (
+            self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = self.attention(q, k, v, key_padding_mask=padding_mask)  # (B, H, L, d)
+        out = out.transpose(1, 2).reshape(batch, length, dim)
+        return self.dropout(self.proj(out))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear -> GELU -> Linear (the paper's FFN)."""
+
+    def __init__(self, config: PerformerConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.dim, config.ff_dim)
+        self.proj = nn.Linear(config.ff_dim, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: PerformerConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config, layer)
+        self.norm2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.norm1(x), padding_mask, rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class PerformerLM(nn.Module):
+    """Performer encoder with a language-model head (causal or masked, by ``config.causal``)."""
+
+    def __init__(self, config: PerformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.positions = (
+            nn.Embedding(config.max_length, config.dim) if config.positions == "learned" else None
+        )
+        self.rotary = (
+            Rotary(config.head_dim, config.rotary_base) if config.positions == "rotary" else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections so the residual stream's variance stays O(1) in depth.
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.depth))
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        tokens: Tensor,
+        padding_mask: Tensor | None = None,
+        targets: Tensor | None = None,
+        repr_layers: tuple[int, ...] | list[int] = (),
+    ) -> dict[str, Any]:
+        """Run the model.
+
+        Args:
+            tokens: (B, L) token ids.
+            padding_mask: (B, L) bool, True at padding (excluded from attention). None: no padding.
+            targets: (B, L) ids to predict at each position, ``IGNORE_INDEX`` where there is none
+                (the caller shifts them for the causal LM or masks them for the masked LM).
+            repr_layers: layers whose hidden states to return (ESM-style): 0 is the embedding
+                output, i the output of block i, ``depth`` the final (layer-normed) states.
+
+        Returns:
+            ``{"logits": (B, L, V), "representations": {layer: (B, L, D)}}`` plus ``"loss"``
+            (mean cross-entropy over the non-ignored targets, float32) when targets are given.
+        """
+        config = self.config
+        length = tokens.shape[1]
+        if self.positions is not None and length > config.max_length:
+            raise ValueError(
+                f"length {length} exceeds learned positions' max_length {config.max_length}"
+            )
+        for layer in repr_layers:
+            if not 0 <= layer <= config.depth:
+                raise ValueError(f"repr_layers must be in [0, {config.depth}], got {layer}")
+        x = self.embed(tokens)
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(length, device=tokens.device))
+        x = self.dropout(x)
+        rope = self.rotary(length) if self.rotary is not None else None
+        representations: dict[int, Tensor] = {}
+        if 0 in repr_layers:
+            representations[0] = x
+        for layer, block in enumerate(self.blocks, start=1):
+            if config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, padding_mask, rope, use_reentrant=False)
+            else:
+                x = block(x, padding_mask, rope)
+            if layer in repr_layers and layer != config.depth:
+                representations[layer] = x
+        x = self.norm(x)
+        if config.depth in repr_layers:
+            representations[config.depth] = x
+        logits = self.head(x)
+        out: dict[str, Any] = {"logits": logits, "representations": representations}
+        if targets is not None:
+            out["loss"] = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+            )
+        return out
+
+    @torch.no_grad()
+    def redraw_features(self, seed: int) -> None:
+        """Draw new random features in every layer; layer i uses ``derive_seed(seed, i)``."""
+        for layer, block in enumerate(self.blocks):
+            block.attn.attention.redraw(derive_seed(seed, layer))
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups: weight decay on matrices (2-D: linears, embeddings), none on the rest."""
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

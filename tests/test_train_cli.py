@@ -1,0 +1,183 @@
+"""`protperf train` and `protperf plot` end to end on a tiny model and a tiny real dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from lm_data import write_dataset
+
+from protperf import cli, train
+from protperf.export import load_model
+from protperf.plot import read_metrics
+
+TINY_ARGS = [
+    "--model.dim=32",
+    "--model.depth=2",
+    "--model.heads=4",
+    "--model.ff_dim=64",
+    "--model.max_length=64",
+    "--model.num_features=16",
+    "--loader.batch_size=8",
+    "--loader.num_workers=0",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.val_check_interval=4",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=2",
+    "--checkpoint_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, proteome_dir):
+    fasta = sorted(proteome_dir.glob("*E.coli*.fasta.gz"))[0]
+    return write_dataset(tmp_path_factory.mktemp("lm-data"), fasta, concat_length=128)
+
+
+def test_print_config_and_the_concat_preset(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--concat", "--model.depth=2", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["concat"] is True
+    assert printed["model"]["depth"] == 2  # explicit values beat the preset
+    assert printed["model"]["ff_dim"] == 2048 and printed["model"]["max_length"] == 8192
+    assert printed["loader"]["batch_size"] == 8
+    assert printed["trainer"]["gradient_clip_val"] == 0.5
+    assert "causal" not in printed["model"]  # set by --bidirectional, not by hand
+    with pytest.raises(SystemExit):
+        train.main(["--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["depth"] == 36 and printed["model"]["ff_dim"] == 1024
+    assert printed["optim"] == {
+        "lr": 0.001,
+        "betas": [0.9, 0.98],
+        "eps": 1e-9,
+        "weight_decay": 0.1,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "decay_steps": None,
+        "min_lr_ratio": 0.1,
+    }
+
+
+def test_train_writes_logs_checkpoints_export_and_curves(data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["--data", str(data), "--run_dir", str(run_dir), *TINY_ARGS, "--model.kernel=relu"]
+    assert cli.main(["train", *args, "--trainer.max_steps=8"]) == 0
+    for name in (
+        "config.yaml",
+        "curves.png",
+        "export/model.safetensors",
+        "export/config.json",
+        "export/tokenizer.json",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+    ):
+        assert (run_dir / name).is_file(), name
+    series = read_metrics(run_dir)
+    for split in ("train", "valid", "test", "ood"):
+        for metric in ("accuracy", "perplexity"):
+            values = series[f"{split}/{metric}"]
+            assert values and all(v > 0 for v in values.values())
+    assert sorted(series["valid/perplexity"]) == [3, 7]  # validation every 4 steps
+    assert 1 < series["test/perplexity"][8] < 40
+    # The resolved config reproduces the run; checkpoints load without unpickling.
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["kernel"] == "relu" and saved["trainer"]["max_steps"] == 8
+    _, again = train.parse(["--config", str(run_dir / "config.yaml"), "--resume"])
+    assert again.run_dir == str(run_dir) and again.resume and again.model.kernel == "relu"
+    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 8 and checkpoint["ProteinDataModule"]["consumed"] == 8
+    exported, config = load_model(run_dir / "export")
+    from_ckpt, _ = load_model(run_dir / "checkpoints/last.ckpt")
+    from_run, _ = load_model(run_dir)
+    assert config.causal and config.kernel == "relu"
+    for a, b, c in zip(
+        exported.state_dict().values(),
+        from_ckpt.state_dict().values(),
+        from_run.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    meta = json.loads((run_dir / "export/config.json").read_text())
+    assert meta["mode"] == "unidirectional" and meta["step"] == 8
+    # A second launch into the same run needs --resume.
+    with pytest.raises(SystemExit, match="--resume"):
+        cli.main(["train", *args, "--trainer.max_steps=8"])
+    # protperf plot
+    (run_dir / "curves.png").unlink()
+    assert cli.main(["plot", str(run_dir)]) == 0
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    with open(next(run_dir.glob("logs/version_*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    assert any(row.get("lr-AdamW/pg1") for row in rows)
+
+
+class _Crash(pl.Callback):
+    """Kill the run at the start of a step (the checkpoint of the step before is on disk)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt  # like Ctrl-C or a kill: no end-of-training hooks
+
+
+def _final_state(run_dir):
+    return torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    common = [
+        "--data", str(data), *TINY_ARGS, "--bidirectional", "--model.kernel=softmax",
+        "--model.dropout=0.1", "--redraw_every=3", "--trainer.max_steps=10", "--no_test",
+        "--optim.schedule=cosine", "--optim.warmup_steps=2",
+    ]  # fmt: skip
+    assert train.main([*common, "--run_dir", str(tmp_path / "straight")]) == 0
+
+    original = train.build_callbacks
+    monkeypatch.setattr(train, "build_callbacks", lambda *a, **k: [*original(*a, **k), _Crash(7)])
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train.main([*common, "--run_dir", str(tmp_path / "killed")])
+    assert _final_state(tmp_path / "killed")["global_step"] == 6
+    monkeypatch.setattr(train, "build_callbacks", original)
+    assert train.main([*common, "--run_dir", str(tmp_path / "killed"), "--resume"]) == 0
+
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    assert straight["global_step"] == resumed["global_step"] == 10
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    # The curves of both launches are merged: validation at steps 3 and 7 (the latter re-run).
+    assert sorted(read_metrics(tmp_path / "killed")["valid/perplexity"]) == [3, 7]
+
+
+def test_concat_mode_trains(data, tmp_path):
+    run_dir = tmp_path / "concat"
+    args = ["--data", str(data), "--run_dir", str(run_dir), *TINY_ARGS, "--concat"]
+    args += [
+        "--model.depth=1",
+        "--model.ff_dim=64",
+        "--model.max_length=128",
+        "--loader.batch_size=2",
+    ]
+    assert train.main([*args, "--trainer.max_steps=3", "--no_test"]) == 0
+    _, config = load_model(run_dir)
+    assert config.max_length == 128 and config.depth == 1 and config.causal
+    assert json.loads((run_dir / "export/config.json").read_text())["concat"] is True
+
+
+def test_wandb_is_offline_without_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    _, cfg = train.parse(["--wandb", "--data", "x"])
+    loggers = train.build_loggers(cfg, tmp_path)
+    assert [type(logger).__name__ for logger in loggers] == ["CSVLogger", "WandbLogger"]
+    assert loggers[1]._wandb_init["mode"] == "offline"
