@@ -1,0 +1,468 @@
+"""Records -> deduplicated, split, tokenized HDF5 files, in bounded memory.
+
+Design (TrEMBL 2019_01: 139 M records, 49 G residues, on a machine with a few GB of RAM):
+
+Pass 1, :meth:`DatasetBuilder.add`, while the download streams: each batch's tokens and
+accessions are appended to spill files, and per record only 13 bytes stay: a 64-bit xxh3 hash
+of the token ids, the length (uint32) and the held-out flag, also spilled to files.
+
+Between the passes, on those arrays alone (at most about 35 bytes per record during the sort:
+about 5 GB for TrEMBL's 139 M records; the benchmark's 60 k records need 270 MB in all):
+
+- *dedupe*: a stable sort by (hash, length, not held-out) groups equal sequences; the first of
+  each group is kept, so a sequence that appears with and without a held-out Pfam family is
+  kept once, **in ood** (its first held-out copy), never in train (it would leak the held-out
+  family into training). Two different sequences are merged only if both their 64-bit hashes
+  and lengths agree: about 1e-6 chance for the whole of TrEMBL.
+- *split*: held-out -> ood; the others by their hash: ``u = hash / 2**64``, valid if
+  ``u < valid_fraction``, test if ``u < valid_fraction + test_fraction``, else train. The split
+  of a sequence depends on its residues only, not on the input order, the seed or the release.
+- *concat order*: sorted by ``splitmix64(hash ^ splitmix64(seed))``, a seeded shuffle that is
+  again independent of the input order.
+
+Pass 2 reads the spill once, in input order: each split's sequences go to its HDF5 file (input
+order), and to the split's *buckets*: the concat order is cut into ranges of the shuffle key
+holding about ``bucket_tokens`` tokens each, each spilled to its own file (a split smaller than
+that is one bucket, kept in memory). Each bucket is then read back, put in key order, joined
+with ``<eos>`` and cut into ``concat`` rows: an external shuffle whose memory is one bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from protperf import tokenizer
+from protperf.data.h5 import SplitWriter
+from protperf.data.paper import (  # re-exported: the split names and the paper's defaults
+    PAPER_TEST_FRACTION,
+    PAPER_VALID_FRACTION,
+    SPLITS,
+)
+from protperf.data.records import RecordBatch
+
+TRAIN, VALID, TEST, OOD = range(4)
+DROPPED = 255
+DEFAULT_BUCKET_TOKENS = 256 << 20
+_EOS = bytes([tokenizer.EOS])
+
+
+def sequence_hashes(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """xxh3-64 of each sequence's token ids: uint64 (n,) for back-to-back ``tokens``."""
+    view = memoryview(np.ascontiguousarray(tokens, dtype=np.uint8))
+    ends = np.cumsum(lengths).tolist()
+    starts = [0, *ends[:-1]]
+    digest = xxhash.xxh3_64_intdigest
+    return np.fromiter(
+        (digest(view[a:b]) for a, b in zip(starts, ends, strict=True)),
+        dtype=np.uint64,
+        count=len(ends),
+    )
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    x = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def concat_keys(hashes: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded shuffle keys (uint64) of sequences given their hashes; concat order sorts them."""
+    salt = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    return _splitmix64(hashes.astype(np.uint64) ^ salt)
+
+
+def concat_order(hashes: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of sequences in concat order: stable argsort of :func:`concat_keys`."""
+    return np.argsort(concat_keys(hashes, seed), kind="stable")
+
+
+def assign_splits(
+    hashes: np.ndarray, held_out: np.ndarray, valid_fraction: float, test_fraction: float
+) -> np.ndarray:
+    """Split ids (uint8: TRAIN, VALID, TEST, OOD) from sequence hashes and held-out flags."""
+    if valid_fraction < 0 or test_fraction < 0 or valid_fraction + test_fraction > 1:
+        raise ValueError(
+            f"need 0 <= valid_fraction, test_fraction and their sum <= 1, "
+            f"got {valid_fraction} and {test_fraction}"
+        )
+    position = (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    labels = np.full(len(hashes), TRAIN, dtype=np.uint8)
+    labels[position < valid_fraction + test_fraction] = TEST
+    labels[position < valid_fraction] = VALID
+    labels[np.asarray(held_out, dtype=bool)] = OOD
+    return labels
+
+
+def build_concat_chunks(
+    tokens: np.ndarray, lengths: np.ndarray, order: np.ndarray, concat_length: int
+) -> np.ndarray:
+    """Sequences in ``order``, each followed by ``<eos>``, cut into rows of ``concat_length``.
+
+    ``tokens``: uint8 back to back, ``lengths``: (n,); returns uint8 (chunks, concat_length);
+    the tail that does not fill a row is dropped.
+    """
+    stream = np.frombuffer(_join_sequences(tokens, lengths, order, _EOS), dtype=np.uint8)
+    rows = stream.size // concat_length
+    return stream[: rows * concat_length].reshape(rows, concat_length)
+
+
+def _join_sequences(
+    tokens: np.ndarray | bytes, lengths: np.ndarray, select: np.ndarray, separator: bytes | None
+) -> bytes:
+    """Tokens of sequences ``select`` (indices into ``lengths``) joined, each followed by
+    ``separator``; without separator, runs of consecutive indices are copied in one piece."""
+    if not len(select):
+        return b""
+    # Slicing bytes copies small pieces faster than making memoryviews of them.
+    view = tokens if isinstance(tokens, bytes) else memoryview(np.ascontiguousarray(tokens))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    select = np.asarray(select, dtype=np.int64)
+    if separator:
+        pieces = [
+            view[a:b] for a, b in zip(starts[select].tolist(), ends[select].tolist(), strict=True)
+        ]
+        return separator.join(pieces) + separator
+    breaks = np.flatnonzero(np.diff(select) != 1) + 1
+    first = select[np.concatenate(([0], breaks))]
+    last = select[np.concatenate((breaks - 1, [len(select) - 1]))]
+    whole = len(first) == 1 and starts[first[0]] == 0 and ends[last[0]] == len(tokens)
+    if isinstance(tokens, bytes) and whole:
+        return tokens  # the whole buffer, in order: no copy
+    return b"".join(
+        view[a:b] for a, b in zip(starts[first].tolist(), ends[last].tolist(), strict=True)
+    )
+
+
+class ConcatChunker:
+    """Cuts a stream of token bytes (fed piece by piece) into rows of ``concat_length``."""
+
+    def __init__(self, concat_length: int) -> None:
+        self.concat_length = concat_length
+        self._tail = b""
+
+    def feed(self, data: bytes) -> np.ndarray:
+        """The full rows that ``data`` completes, uint8 (k, concat_length); the rest is kept."""
+        if self._tail:
+            data = self._tail + data
+        rows = len(data) // self.concat_length
+        cut = rows * self.concat_length
+        self._tail = data[cut:]
+        return np.frombuffer(data, dtype=np.uint8, count=cut).reshape(rows, self.concat_length)
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, float | int]:
+    """Table-1-style statistics of sequence lengths: count, min, max, mean, median."""
+    if not len(lengths):
+        return {"count": 0, "min": 0, "max": 0, "mean": 0.0, "median": 0.0}
+    return {
+        "count": len(lengths),
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 2),
+        "median": float(np.median(lengths)),
+    }
+
+
+class DatasetBuilder:
+    """Collects record batches (pass 1) and writes the split files (pass 2); see the module doc.
+
+    ``workdir`` holds the spill files (about 1.05 bytes per residue plus 25 bytes per record);
+    it must not be shared with anything else.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        valid_fraction: float = PAPER_VALID_FRACTION,
+        test_fraction: float = PAPER_TEST_FRACTION,
+        concat_length: int = 8192,
+        seed: int = 0,
+        compression: str = "none",
+        bucket_tokens: int = DEFAULT_BUCKET_TOKENS,
+    ) -> None:
+        assign_splits(np.zeros(0, np.uint64), np.zeros(0, bool), valid_fraction, test_fraction)
+        if concat_length < 1:
+            raise ValueError(f"concat_length must be positive, not {concat_length}")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.valid_fraction = valid_fraction
+        self.test_fraction = test_fraction
+        self.concat_length = concat_length
+        self.seed = seed
+        self.compression = compression
+        self.bucket_tokens = bucket_tokens
+        self._files = {
+            name: open(self.workdir / name, "wb")  # noqa: SIM115 - closed in finish()
+            for name in ("tokens.u8", "accessions.txt", "hashes.u64", "lengths.u32", "held.u8")
+        }
+        #: Concat buckets of the splits that fit in one bucket: kept in memory (pass 2).
+        self._in_memory: dict[int, list[bytes]] = {}
+        #: Per batch: (records, tokens, accession bytes), to read the spill back batch by batch.
+        self._batches: list[tuple[int, int, int]] = []
+        self.records = 0
+        self.tokens = 0
+        self.unknown = 0
+
+    def add(self, batch: RecordBatch) -> None:
+        """Spill a batch of records (pass 1)."""
+        if not len(batch):
+            return
+        if int(batch.lengths.max(initial=0)) >= 2**32:
+            raise ValueError("a sequence longer than 2**32 residues")
+        accessions = b"\n".join(batch.accessions) + b"\n"
+        if accessions.count(b"\n") != len(batch):
+            raise ValueError("an accession contains a newline")
+        files = self._files
+        files["tokens.u8"].write(memoryview(np.ascontiguousarray(batch.tokens, dtype=np.uint8)))
+        files["accessions.txt"].write(accessions)
+        files["hashes.u64"].write(sequence_hashes(batch.tokens, batch.lengths).tobytes())
+        files["lengths.u32"].write(batch.lengths.astype(np.uint32).tobytes())
+        files["held.u8"].write(batch.held_out.astype(np.uint8).tobytes())
+        self._batches.append((len(batch), int(batch.tokens.size), len(accessions)))
+        self.records += len(batch)
+        self.tokens += int(batch.tokens.size)
+        self.unknown += batch.unknown
+
+    def finish(self, out_dir: str | Path) -> dict:
+        """Dedupe, split and write ``{train,valid,test,ood}.h5`` into ``out_dir`` (pass 2).
+
+        Returns the statistics for the manifest (counts and lengths per split, duplicates).
+        The spill files are deleted.
+        """
+        out_dir = Path(out_dir)
+        for handle in self._files.values():
+            handle.close()
+        hashes = np.fromfile(self.workdir / "hashes.u64", dtype=np.uint64)
+        lengths = np.fromfile(self.workdir / "lengths.u32", dtype=np.uint32)
+        held = np.fromfile(self.workdir / "held.u8", dtype=np.uint8).astype(bool)
+        labels, duplicates = self._dedupe_and_split(hashes, lengths, held)
+        keys = concat_keys(hashes, self.seed)
+        del hashes, held
+        counts = np.bincount(labels[labels != DROPPED], minlength=len(SPLITS))
+        token_counts = np.bincount(labels, weights=lengths, minlength=DROPPED + 1)[: len(SPLITS)]
+        buckets = [
+            max(1, math.ceil((token_counts[s] + counts[s]) / self.bucket_tokens))
+            for s in range(len(SPLITS))
+        ]
+        writers = [
+            SplitWriter(
+                out_dir / f"{name}.h5",
+                name,
+                concat_length=self.concat_length,
+                seed=self.seed,
+                compression=self.compression,
+            )
+            for name in SPLITS
+        ]
+        try:
+            self._write_sequences(writers, labels, lengths, keys, buckets)
+            for split, writer in enumerate(writers):
+                self._write_concat(writer, split, labels, lengths, keys, buckets[split])
+                writer.close()
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        for name in self._files:
+            (self.workdir / name).unlink()
+        splits = {}
+        for split, (name, writer) in enumerate(zip(SPLITS, writers, strict=True)):
+            splits[name] = {
+                "sequences": writer.num_sequences,
+                "tokens": writer.num_tokens,
+                "concat_chunks": writer.concat_chunks,
+                "lengths": length_stats(lengths[labels == split]),
+            }
+        return {
+            "records_read": self.records,
+            "residues_read": self.tokens,
+            "unknown_residues_mapped_to_x": self.unknown,
+            **duplicates,
+            "unique_sequences": int(counts.sum()),
+            "lengths": length_stats(lengths[labels != DROPPED]),
+            "splits": splits,
+        }
+
+    def _dedupe_and_split(
+        self, hashes: np.ndarray, lengths: np.ndarray, held: np.ndarray
+    ) -> tuple[np.ndarray, dict]:
+        count = len(hashes)
+        order = np.lexsort((~held, lengths, hashes))
+        sorted_hashes, sorted_lengths = hashes[order], lengths[order]
+        first = np.ones(count, dtype=bool)
+        first[1:] = (sorted_hashes[1:] != sorted_hashes[:-1]) | (
+            sorted_lengths[1:] != sorted_lengths[:-1]
+        )
+        del sorted_hashes, sorted_lengths
+        starts = np.flatnonzero(first)
+        sizes = np.diff(np.append(starts, count))
+        keep = order[first]
+        # The first of a group is held out if any copy is (held-out copies sort first).
+        mixed = 0
+        if count:
+            not_held_sorted = ~held[order]
+            mixed = int((held[keep] & np.logical_or.reduceat(not_held_sorted, starts)).sum())
+        del order, first
+        labels = np.full(count, DROPPED, dtype=np.uint8)
+        labels[keep] = assign_splits(
+            hashes[keep], held[keep], self.valid_fraction, self.test_fraction
+        )
+        return labels, {
+            "duplicates_dropped": int(count - len(keep)),
+            "duplicated_sequences": int((sizes > 1).sum()),
+            "duplicates_with_and_without_held_out_family": mixed,
+        }
+
+    def _bucket_of(self, keys: np.ndarray, buckets: int) -> np.ndarray:
+        return (((keys >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)).astype(np.int64)
+
+    def _bucket_path(self, split: int, bucket: int) -> Path:
+        return self.workdir / f"concat-{SPLITS[split]}-{bucket}.u8"
+
+    def _write_sequences(
+        self,
+        writers: Sequence[SplitWriter],
+        labels: np.ndarray,
+        lengths: np.ndarray,
+        keys: np.ndarray,
+        buckets: Sequence[int],
+    ) -> None:
+        bucket_files: dict[tuple[int, int], object] = {}
+        first = 0
+        try:
+            with (
+                open(self.workdir / "tokens.u8", "rb") as token_file,
+                open(self.workdir / "accessions.txt", "rb") as accession_file,
+            ):
+                for records, num_tokens, accession_bytes in self._batches:
+                    tokens = token_file.read(num_tokens)
+                    accessions = accession_file.read(accession_bytes).split(b"\n")
+                    window = slice(first, first + records)
+                    batch_labels, batch_lengths = labels[window], lengths[window]
+                    for split, writer in enumerate(writers):
+                        select = np.flatnonzero(batch_labels == split)
+                        if not len(select):
+                            continue
+                        data = _join_sequences(tokens, batch_lengths, select, None)
+                        writer.append(
+                            data, batch_lengths[select], [accessions[i] for i in select.tolist()]
+                        )
+                        if buckets[split] == 1:  # small enough to stay in memory
+                            self._in_memory.setdefault(split, []).append(data)
+                            continue
+                        bucket = self._bucket_of(keys[window][select], buckets[split])
+                        by_bucket = np.argsort(bucket, kind="stable")
+                        grouped = _join_sequences(tokens, batch_lengths, select[by_bucket], None)
+                        sizes = np.bincount(
+                            bucket, weights=batch_lengths[select], minlength=buckets[split]
+                        ).astype(np.int64)
+                        position = 0
+                        for number in np.flatnonzero(sizes).tolist():
+                            end = position + int(sizes[number])
+                            self._append(bucket_files, (split, number), grouped[position:end])
+                            position = end
+                    first += records
+        finally:
+            for handle in bucket_files.values():
+                handle.close()  # type: ignore[attr-defined]
+        for writer in writers:
+            writer.flush()
+
+    def _append(self, files: dict, key: tuple[int, int], data: bytes) -> None:
+        if key not in files:
+            files[key] = open(self._bucket_path(*key), "wb")  # noqa: SIM115 - closed by caller
+        files[key].write(data)
+
+    def _write_concat(
+        self,
+        writer: SplitWriter,
+        split: int,
+        labels: np.ndarray,
+        lengths: np.ndarray,
+        keys: np.ndarray,
+        buckets: int,
+    ) -> None:
+        members = np.flatnonzero(labels == split)
+        bucket = self._bucket_of(keys[members], buckets)
+        by_bucket = np.argsort(bucket, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(bucket, minlength=buckets))))
+        chunker = ConcatChunker(self.concat_length)
+        for number in range(buckets):
+            records = members[by_bucket[bounds[number] : bounds[number + 1]]]
+            if buckets == 1:
+                data = b"".join(self._in_memory.pop(split, []))
+            else:
+                path = self._bucket_path(split, number)
+                if not path.exists():
+                    continue
+                data = path.read_bytes()
+                path.unlink()
+            record_lengths = lengths[records].astype(np.int64)
+            if int(record_lengths.sum()) != len(data):
+                raise RuntimeError(f"bucket {number}: {len(data)} tokens, expected more")
+            order = np.argsort(keys[records], kind="stable")
+            writer.append_concat(chunker.feed(_join_sequences(data, record_lengths, order, _EOS)))
+
+
+def _as_tokens(sequence: str | bytes | np.ndarray) -> np.ndarray:
+    if isinstance(sequence, str | bytes):
+        return tokenizer.encode(sequence.upper())
+    array = np.asarray(sequence)
+    if array.ndim != 1 or (
+        array.size
+        and (array.min() < tokenizer.FIRST_RESIDUE_ID or array.max() >= tokenizer.VOCAB_SIZE)
+    ):
+        raise ValueError("token arrays must be 1-D residue ids (no special tokens)")
+    return array.astype(np.uint8)
+
+
+def write_split(
+    path: str | Path,
+    sequences: Iterable[str | bytes | np.ndarray],
+    accessions: Iterable[str] | None = None,
+    *,
+    split: str = "train",
+    concat_length: int = 8192,
+    seed: int = 0,
+    compression: str = "none",
+) -> Path:
+    """Write a split file from in-memory sequences, exactly as ``prepare-data`` would.
+
+    ``sequences``: residue strings (``"MKV..."``, letters outside the vocabulary become X) or
+    1-D arrays of residue token ids; ``accessions``: one per sequence (default ``seq0, seq1,
+    ...``). Sequences are written in the given order (no dedupe, no split); ``concat`` holds
+    them in the seeded shuffled order of the pipeline (:func:`concat_order`). The file appears
+    atomically at ``path``, which is returned. For tests and demos of training and embedding:
+
+        >>> write_split(tmp / "train.h5", ["MKTAYIAK", "MSEQ"], concat_length=8)  # doctest: +SKIP
+    """
+    path = Path(path)
+    arrays = [_as_tokens(sequence) for sequence in sequences]
+    names = [f"seq{i}" for i in range(len(arrays))] if accessions is None else list(accessions)
+    if len(names) != len(arrays):
+        raise ValueError(f"{len(arrays)} sequences but {len(names)} accessions")
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint8)
+    temporary = path.with_name(path.name + ".partial")
+    writer = SplitWriter(
+        temporary, split, concat_length=concat_length, seed=seed, compression=compression
+    )
+    try:
+        writer.append(tokens.tobytes(), lengths, [str(name) for name in names])
+        order = concat_order(sequence_hashes(tokens, lengths), seed)
+        writer.append_concat(build_concat_chunks(tokens, lengths, order, concat_length))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        temporary.unlink(missing_ok=True)
+        raise
+    temporary.replace(path)
+    return path

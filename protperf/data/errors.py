@@ -1,0 +1,19 @@
+"""Errors of the data pipeline; each message names the file or URL (and record) at fault."""
+
+from __future__ import annotations
+
+
+class DataError(Exception):
+    """Anything that stops ``prepare-data``; the CLI prints the message and exits non-zero."""
+
+
+class DownloadError(DataError):
+    """A URL could not be fetched (404, too many dropped connections, a release that does not exist)."""
+
+
+class ChecksumError(DataError):
+    """Downloaded bytes do not match the size or md5 that RELEASE.metalink announces."""
+
+
+class FormatError(DataError):
+    """Input that is not what it claims to be: truncated gzip, a record without sequence, not FASTA."""
