@@ -51,7 +51,7 @@ def gaussian_orthogonal_projection(
     """
     blocks = []
     for _ in range(math.ceil(num_features / dim)):
-        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64, device="cpu")
         # numpy's QR: torch's spends milliseconds in thread start-up for a d x d matrix.
         q, r = (torch.from_numpy(x) for x in np.linalg.qr(gaussian.numpy()))
         # Sign-fix so that Q is Haar-distributed (QR alone leaves a sign bias).
@@ -59,9 +59,11 @@ def gaussian_orthogonal_projection(
         blocks.append(q.T)
     projection = torch.cat(blocks, dim=0)[:num_features]
     if scaling == "chi":
-        norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
+        norms = torch.randn(
+            num_features, dim, generator=generator, dtype=torch.float64, device="cpu"
+        ).norm(dim=1)
     elif scaling == "sqrt_d":
-        norms = torch.full((num_features,), math.sqrt(dim), dtype=torch.float64)
+        norms = torch.full((num_features,), math.sqrt(dim), dtype=torch.float64, device="cpu")
     else:
         raise ValueError(f"scaling must be 'chi' or 'sqrt_d', got {scaling!r}")
     return (projection * norms.unsqueeze(1)).float()
@@ -69,7 +71,9 @@ def gaussian_orthogonal_projection(
 
 def gaussian_iid_projection(num_features: int, dim: int, *, generator: torch.Generator) -> Tensor:
     """I.i.d. N(0, I_d) random features W: (num_features, dim), float32, on the CPU."""
-    return torch.randn(num_features, dim, generator=generator, dtype=torch.float64).float()
+    return torch.randn(
+        num_features, dim, generator=generator, dtype=torch.float64, device="cpu"
+    ).float()
 
 
 # ---------------------------------------------------------------------------------------------

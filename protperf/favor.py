@@ -167,6 +167,33 @@ def _output_gradient(grad: Tensor, normalised: Tensor, denominator: Tensor) -> T
     return torch.cat([grad_num, grad_den], dim=-1)
 
 
+#: On a CPU, glibc serves blocks above 32 MB with a fresh mmap (page-faulted anew on every use)
+#: whatever the settings; rows go in blocks whose L x m tensors stay under that, so that the
+#: allocator recycles them (see protperf.runtime).
+BLOCK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
+#: Budget for the features of all rows of one call (two L x m tensors per row): within it they
+#: are kept for the backward; beyond it the backward recomputes them block by block.
+KEEP_FEATURES_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+
+
+def _row_blocks(
+    rows: int, length: int, num_features: int, device: torch.device
+) -> tuple[list[slice], bool]:
+    """Blocks of rows processed together, and whether their features are kept for the backward."""
+    per_row = 4 * length * num_features  # one L x m float32 tensor
+    size = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"]) // per_row)
+    keep = 2 * rows * per_row <= KEEP_FEATURES_BYTES.get(device.type, KEEP_FEATURES_BYTES["cpu"])
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)], keep
+
+
+def _key_scales(log_scale: Tensor | None) -> Tensor | None:
+    """exp(g - M), M the row's max over valid keys: (R, L, 1), 0 at padding (None: no scales)."""
+    if log_scale is None:
+        return None
+    reference = log_scale.amax(dim=-2, keepdim=True).clamp_min(torch.finfo(log_scale.dtype).min)
+    return torch.exp(log_scale - reference)
+
+
 class BidirectionalFavor(torch.autograd.Function):
     """out = D^-1 Q''(K''^T V~): q, k, v (N, L, d) -> (N, L, d).
 
@@ -177,50 +204,69 @@ class BidirectionalFavor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w, valid, feature_map: FeatureMap):
         eps = feature_map.eps
-        eq = feature_map.queries(q, w)
-        ek, log_scale = feature_map.keys(k, w, valid)
+        rows, length = q.shape[:2]
         values = _values_with_ones(v)
-        scale = None
-        if log_scale is not None:
-            reference = log_scale.amax(dim=-2, keepdim=True).clamp_min(torch.finfo(v.dtype).min)
-            scale = torch.exp(log_scale - reference)  # (N, L, 1), 0 at padding
-        scaled_values = values if scale is None else values * scale
-        valid_values = values if valid is None else values * valid
-        # C = K''^T V~ = Ê_k^T (scale V~) + eps * sum_l valid_l V~_l      (N, m, d+1)
-        context = torch.matmul(ek.transpose(-2, -1), scaled_values)
-        context.add_(valid_values.sum(dim=-2, keepdim=True), alpha=eps)
-        # out = Q'' C = E_q C + eps * sum_j C_j
-        out = torch.matmul(eq, context)
-        out.add_(context.sum(dim=-2, keepdim=True), alpha=eps)
+        num_features = w.shape[1] if w is not None else q.shape[-1]
+        context = values.new_empty(rows, num_features, values.shape[-1])
+        out = torch.empty_like(values)
+        blocks, keep = _row_blocks(rows, length, num_features, q.device)
+        kept = []
+        for block in blocks:
+            eq = feature_map.queries(q[block], w)
+            ek, log_scale = feature_map.keys(k[block], w, None if valid is None else valid[block])
+            scale = _key_scales(log_scale)
+            block_values = values[block]
+            scaled_values = block_values if scale is None else block_values * scale
+            valid_values = block_values if valid is None else block_values * valid[block]
+            # C = K''^T V~ = Ê_k^T (scale V~) + eps * sum_l valid_l V~_l      (R, m, d+1)
+            torch.matmul(ek.transpose(-2, -1), scaled_values, out=context[block])
+            context[block].add_(valid_values.sum(dim=-2, keepdim=True), alpha=eps)
+            # out = Q'' C = E_q C + eps * sum_j C_j
+            torch.matmul(eq, context[block], out=out[block])
+            out[block].add_(context[block].sum(dim=-2, keepdim=True), alpha=eps)
+            if keep:
+                kept.append((eq, ek, scale))
         normalised, denominator = _normalise(out)
-        ctx.save_for_backward(
-            q, k, w, eq, ek, values, scale, context, normalised, denominator, valid
-        )
-        ctx.feature_map = feature_map
+        ctx.save_for_backward(q, k, w, values, context, normalised, denominator, valid)
+        ctx.feature_map, ctx.kept = feature_map, (kept if keep else None)
         return normalised
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, w, eq, ek, values, scale, context, normalised, denominator, valid = ctx.saved_tensors
+        q, k, w, values, context, normalised, denominator, valid = ctx.saved_tensors
         feature_map = ctx.feature_map
         eps = feature_map.eps
+        rows, length = q.shape[:2]
         grad_out = _output_gradient(grad, normalised, denominator)  # (N, L, d+1)
-        # dC = Q''^T dOut
-        grad_context = torch.matmul(eq.transpose(-2, -1), grad_out)
-        grad_context.add_(grad_out.sum(dim=-2, keepdim=True), alpha=eps)
-        grad_q = feature_map.query_grad(torch.matmul(grad_out, context.transpose(-2, -1)), eq, q, w)
-        # Keys: dÊ_k = (scale V~) dC^T;  H = Ê_k dC gives dV~ and d(scale).
-        scaled_values = values if scale is None else values * scale
-        grad_ek = torch.matmul(scaled_values, grad_context.transpose(-2, -1))
-        through_keys = torch.matmul(ek, grad_context)  # (N, L, d+1)
-        grad_log_scale = None
-        if scale is not None:
-            grad_log_scale = (through_keys * values).sum(dim=-1, keepdim=True).mul_(scale)
-            through_keys.mul_(scale)
-        grad_k = feature_map.key_grad(grad_ek, ek, k, w, grad_log_scale)
-        eps_term = grad_context.sum(dim=-2, keepdim=True) * eps
-        grad_values = through_keys.add_(eps_term if valid is None else eps_term * valid)
-        return grad_q, grad_k, grad_values[..., :-1], None, None, None
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad)
+        blocks, _ = _row_blocks(rows, length, context.shape[1], q.device)
+        for index, block in enumerate(blocks):
+            valid_block = None if valid is None else valid[block]
+            if ctx.kept is not None:
+                eq, ek, scale = ctx.kept[index]
+            else:
+                eq = feature_map.queries(q[block], w)
+                ek, log_scale = feature_map.keys(k[block], w, valid_block)
+                scale = _key_scales(log_scale)
+            block_grad, block_values, block_context = grad_out[block], values[block], context[block]
+            # dC = Q''^T dOut
+            grad_context = torch.matmul(eq.transpose(-2, -1), block_grad)
+            grad_context.add_(block_grad.sum(dim=-2, keepdim=True), alpha=eps)
+            grad_eq = torch.matmul(block_grad, block_context.transpose(-2, -1))
+            grad_q[block] = feature_map.query_grad(grad_eq, eq, q[block], w)
+            # Keys: dÊ_k = (scale V~) dC^T;  H = Ê_k dC gives dV~ and d(scale).
+            scaled_values = block_values if scale is None else block_values * scale
+            grad_ek = torch.matmul(scaled_values, grad_context.transpose(-2, -1))
+            through_keys = torch.matmul(ek, grad_context)  # (R, L, d+1)
+            grad_log_scale = None
+            if scale is not None:
+                grad_log_scale = (through_keys * block_values).sum(dim=-1, keepdim=True).mul_(scale)
+                through_keys.mul_(scale)
+            grad_k[block] = feature_map.key_grad(grad_ek, ek, k[block], w, grad_log_scale)
+            eps_term = grad_context.sum(dim=-2, keepdim=True) * eps
+            through_keys.add_(eps_term if valid_block is None else eps_term * valid_block)
+            grad_v[block] = through_keys[..., :-1]
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 @dataclass
@@ -340,30 +386,14 @@ def _exclusive_sum(x: Tensor, reverse: bool = False) -> Tensor:
     return torch.cat([zero, x.cumsum(1)[:, :-1]], dim=1)
 
 
-#: Budget for the features of all rows of one causal call (two L x m tensors per row): within it
-#: they are computed once and kept for the backward; beyond it, rows go in blocks of a quarter
-#: of the budget whose features the backward recomputes.
-KEEP_FEATURES_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
-
-
-def _row_blocks(rows: int, length: int, num_features: int, device: torch.device) -> list[slice]:
-    """Groups of rows processed together; a single group means its features are kept."""
-    keep_budget = KEEP_FEATURES_BYTES.get(device.type, KEEP_FEATURES_BYTES["cpu"])
-    per_row = 8 * length * num_features
-    if rows * per_row <= keep_budget:
-        return [slice(0, rows)]
-    size = max(1, keep_budget // 4 // per_row)
-    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
-
-
 class CausalFavor(torch.autograd.Function):
     """out_i = sum_{j<=i} (Q''_i . K''_j) V~_j, normalised, in chunks of C: (N, L, d) -> (N, L, d).
 
     ``apply(q, k, v, w, valid, feature_map, chunk)``; L must be a multiple of ``chunk`` (the
     caller pads, marking the extra keys invalid). Within a chunk the masked C x C scores are
     formed; across chunks a carried state (m x (d+1) per chunk) holds the past. Kept for the
-    backward: the L/C states and the L x C scores; the L x m features exist for one block of rows
-    at a time and are recomputed in the backward. No L x m x d tensor is ever formed.
+    backward: the L/C states, the L x C scores and, within KEEP_FEATURES_BYTES, the L x m
+    features (else recomputed block by block). No L x m x d tensor is ever formed.
     """
 
     @staticmethod
@@ -375,7 +405,8 @@ class CausalFavor(torch.autograd.Function):
         states = values.new_empty(rows, n, num_features, values.shape[-1])
         scores = values.new_empty(rows, n, chunk, chunk)
         out = torch.empty_like(values)
-        blocks = _row_blocks(rows, length, num_features, q.device)
+        blocks, keep = _row_blocks(rows, length, num_features, q.device)
+        kept = []
         for block in blocks:
             features = _chunked_features(
                 feature_map, q[block], k[block], w, None if valid is None else valid[block], chunk
@@ -385,10 +416,11 @@ class CausalFavor(torch.autograd.Function):
                 features, values[block].view(shape), feature_map.eps, states[block], scores[block],
                 out[block].view(shape),
             )  # fmt: skip
+            if keep:
+                kept.append(features)
         normalised, denominator = _normalise(out)
         ctx.save_for_backward(q, k, w, values, states, scores, normalised, denominator, valid)
-        ctx.feature_map, ctx.chunk = feature_map, chunk
-        ctx.kept_features = features if len(blocks) == 1 else None
+        ctx.feature_map, ctx.chunk, ctx.kept = feature_map, chunk, (kept if keep else None)
         return normalised
 
     @staticmethod
@@ -399,9 +431,11 @@ class CausalFavor(torch.autograd.Function):
         n = length // chunk
         grad_out = _output_gradient(grad, normalised, denominator)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad)
-        for block in _row_blocks(rows, length, states.shape[2], q.device):
-            features = ctx.kept_features
-            if features is None:
+        blocks, _ = _row_blocks(rows, length, states.shape[2], q.device)
+        for index, block in enumerate(blocks):
+            if ctx.kept is not None:
+                features = ctx.kept[index]
+            else:
                 valid_block = None if valid is None else valid[block]
                 features = _chunked_features(feature_map, q[block], k[block], w, valid_block, chunk)
             shape = (-1, n, chunk, values.shape[-1])

@@ -1,13 +1,19 @@
 """Process-level settings that make large CPU tensors cheap to allocate.
 
-PyTorch's CPU allocator asks glibc for every tensor; blocks above 32 MB are mmap'ed fresh each time
-and page-faulted in again, which for FAVOR+ (a few L x m tensors per layer and step) costs more than
-the arithmetic. Keeping freed memory inside the process (no mmap for large blocks, no trimming)
-and backing large tensors with transparent huge pages removes most of that cost. The same advice
-is Intel's for PyTorch on CPUs (jemalloc/tcmalloc); this needs no extra library.
+PyTorch's CPU allocator asks glibc for every tensor. By default glibc returns freed memory to the
+system quickly, so the next tensor of the same size is page-faulted in again, which for FAVOR+
+(several L x m tensors per layer and step) costs as much as the arithmetic. Two settings:
+
+* ``"default"``: keep freed blocks of up to 32 MB in the process (no trimming; glibc's largest
+  heap block) and back large tensors with transparent huge pages. The FAVOR+ kernels keep
+  their temporaries under 32 MB (protperf.favor.BLOCK_BYTES), so they are recycled, not faulted.
+* ``"aggressive"``: never mmap at all, so every freed block is reused. Faster still for large
+  models (whose activations exceed 32 MB), at the price of a higher peak RSS from fragmentation
+  (measured in the README's training benchmark).
 
 The CLI and the benchmarks call :func:`tune_cpu_allocator` once at start-up (benchmarks for every
-contender alike). Memory freed by a tuned process is reused by it, not returned to the system.
+contender alike). ``PROTPERF_TUNE_ALLOCATOR=0|default|aggressive`` chooses (default: default).
+This is Intel's advice for PyTorch on CPUs (jemalloc/tcmalloc) without an extra library.
 """
 
 from __future__ import annotations
@@ -17,30 +23,41 @@ import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_tuned = False
+_LARGEST_HEAP_BLOCK = 32 << 20  # glibc refuses a larger mmap threshold
+_tuned: str | None = None
 
 
-def tune_cpu_allocator() -> bool:
+def tune_cpu_allocator(mode: str | None = None) -> bool:
     """Apply the allocator settings (glibc on Linux); returns whether they are in effect.
 
+    ``mode``: "default", "aggressive" or "0" (off); None reads ``PROTPERF_TUNE_ALLOCATOR``.
     Call it before importing torch for the huge-page part (``THP_MEM_ALLOC_ENABLE`` is read at
     PyTorch's first allocation); the glibc part takes effect whenever it is called.
-    Set ``PROTPERF_TUNE_ALLOCATOR=0`` to skip.
     """
     global _tuned
-    if _tuned:
-        return True
-    if os.environ.get("PROTPERF_TUNE_ALLOCATOR", "1") == "0" or not sys.platform.startswith(
-        "linux"
-    ):
+    mode = mode or os.environ.get("PROTPERF_TUNE_ALLOCATOR", "default")
+    if mode in ("0", "off", "false"):
         return False
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if mode in ("1", "true"):
+        mode = "default"
+    if mode not in ("default", "aggressive"):
+        raise ValueError(f"PROTPERF_TUNE_ALLOCATOR must be 0, default or aggressive, got {mode!r}")
+    if _tuned == mode:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    return _tuned
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    ok = bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    if mode == "aggressive":
+        ok = ok and bool(mallopt(_M_MMAP_MAX, 0))
+    else:
+        ok = ok and bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST_HEAP_BLOCK))
+    _tuned = mode if ok else None
+    return ok

@@ -361,7 +361,15 @@ def test_recomputed_features_give_the_same_gradients(monkeypatch, kernel):
     results = []
     for budget in (1 << 30, 0):  # one block with kept features; then one row per block
         monkeypatch.setitem(favor.KEEP_FEATURES_BYTES, "cpu", budget)
+        monkeypatch.setitem(favor.BLOCK_BYTES, "cpu", budget)
         out = attn(q, k, v, key_padding_mask=mask)
         results.append((out, *torch.autograd.grad(out.pow(2).sum(), (q, k, v))))
     for kept, recomputed in zip(*results, strict=True):
         assert torch.allclose(kept, recomputed, atol=1e-12, rtol=0)
+
+
+def test_builds_on_the_meta_device():
+    """Large models can be sized without allocating: the feature draw stays on the CPU."""
+    with torch.device("meta"):
+        attn = FastAttention(head_dim=64, num_features=256)
+    assert attn.projection.device.type == "meta" and attn.projection.shape == (256, 64)
