@@ -275,8 +275,8 @@ class _ChunkedFeatures:
 
     eq, ek (R, n, C, m); valid (R, n, C, 1) float or None. With key scales (softmax):
     query_scale (R, n, C, 1) = exp(M_prev - M_i), key_scale (R, n, C, 1) = exp(g_j - M_chunk),
-    carry (R, n, 1, 1) = exp(M_prev - M_chunk), where M_i is the running max of g up to i,
-    M_chunk its value at the chunk's end and M_prev at the previous chunk's end. decay
+    chunk_max, previous_max (R, n) = M_chunk, M_prev, where M_i is the running max of g up to
+    i, M_chunk its value at the chunk's end and M_prev at the previous chunk's end. decay
     (R, n, C, C) = exp(g_j - M_i) for j <= i, else 0 (the lower triangle of ones without scales).
     """
 
@@ -286,7 +286,8 @@ class _ChunkedFeatures:
     valid: Tensor | None
     query_scale: Tensor | None
     key_scale: Tensor | None
-    carry: Tensor | None
+    chunk_max: Tensor | None
+    previous_max: Tensor | None
     decay: Tensor
 
     def intra_attention(self, scores: Tensor, query_total: Tensor, eps: float) -> Tensor:
@@ -317,7 +318,7 @@ def _chunked_features(
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril_()
     if log_scale is None:
         decay = lower.to(q.dtype).expand(rows, n, chunk, chunk)
-        return _ChunkedFeatures(eq, ek, None, valid_c, None, None, None, decay)
+        return _ChunkedFeatures(eq, ek, None, valid_c, None, None, None, None, decay)
     floor = torch.finfo(q.dtype).min / 4  # "no valid key yet": finite, so floor - floor = 0
     g = log_scale.view(rows, length)
     running_max = torch.cummax(g.clamp_min(floor), dim=-1).values.view(rows, n, chunk)
@@ -333,7 +334,8 @@ def _chunked_features(
         valid_c,
         query_scale=torch.exp(previous_max.unsqueeze(-1) - running_max).unsqueeze(-1),
         key_scale=torch.exp(g - chunk_max.unsqueeze(-1)).unsqueeze(-1),
-        carry=torch.exp(previous_max - chunk_max)[..., None, None],
+        chunk_max=chunk_max,
+        previous_max=previous_max,
         decay=decay,
     )
 
@@ -352,29 +354,69 @@ def _bmm_add_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def _carry_forward(
-    increments: Tensor, carry: Tensor | None, out: Tensor, reverse: bool = False
-) -> Tensor:
-    """out[c] = sum over chunks before c (after c, with ``reverse``) of increments, each carried by
-    ``carry`` (R, n, 1, 1) per chunk boundary: out[c+1] = carry[c] out[c] + increments[c]
-    (reverse: out[c-1] = carry[c] out[c] + increments[c]). increments, out: (R, n, m, f).
+#: Chunks per group of the state scan: one matmul within a group, a loop across groups.
+SCAN_GROUP = 32
 
-    A loop of n small fused updates: cheaper on a CPU than a scan with allocations.
+
+def _scan_states(
+    increments: Tensor,
+    chunk_max: Tensor | None,
+    previous_max: Tensor | None,
+    reverse: bool = False,
+) -> Tensor:
+    """Sums of chunk increments carried across chunks, rescaled to each chunk's reference.
+
+    increments (R, n, m, f): chunk c's contribution, at the scale exp(-chunk_max[c]) (forward)
+    or exp(-previous_max[c]) (reverse); previous_max (R, n) is chunk_max shifted by one chunk
+    (the scale of the state entering a chunk). None for both: no scales. Returns (R, n, m, f):
+        forward: out[c] = sum_{c' < c} exp(chunk_max[c'] - previous_max[c]) increments[c']
+        reverse: out[c] = sum_{c' > c} exp(chunk_max[c] - previous_max[c']) increments[c']
+    Every factor is <= 1 (the maxima never decrease). Instead of n dependent updates (slow
+    small operations on a CPU), groups of SCAN_GROUP chunks are summed by one batched matmul
+    with their (G x G) factor matrices, and only the n / G group totals are carried in a loop.
     """
-    n = increments.shape[1]
-    order = range(n - 1, -1, -1) if reverse else range(n)
-    first, *rest = order
-    out[:, first].zero_()
-    previous = first
-    for index in rest:
-        if carry is None:
-            torch.add(increments[:, previous], out[:, previous], out=out[:, index])
-        else:
-            torch.addcmul(
-                increments[:, previous], carry[:, previous], out[:, previous], out=out[:, index]
-            )
-        previous = index
-    return out
+    rows, n = increments.shape[:2]
+    if chunk_max is None:
+        chunk_max = previous_max = increments.new_zeros(rows, n)
+    group = min(SCAN_GROUP, n)
+    groups = -(-n // group)
+    flat = increments.reshape(rows, n, -1)
+    if groups * group != n:  # pad: zero increments, maxima repeated (finite factors)
+        extra = groups * group - n
+        flat = torch.cat([flat, flat.new_zeros(rows, extra, flat.shape[-1])], dim=1)
+        edge = chunk_max[:, -1:].expand(rows, extra)
+        chunk_max = torch.cat([chunk_max, edge], dim=1)
+        previous_max = torch.cat([previous_max, edge], dim=1)
+    flat = flat.view(rows, groups, group, -1)
+    chunk_max = chunk_max.view(rows, groups, group)
+    previous_max = previous_max.view(rows, groups, group)
+    first_previous = previous_max[..., :1]  # (R, groups, 1): the scale entering each group
+    last_max = chunk_max[..., -1:]  # (R, groups, 1): the scale at each group's end
+    if reverse:
+        exponent = chunk_max.unsqueeze(-1) - previous_max.unsqueeze(-2)  # [i, j] = cm_i - pm_j
+        keep = torch.ones(group, group, dtype=torch.bool, device=flat.device).triu_(1)
+        to_total = first_previous - previous_max  # totals at the scale entering the group
+        carry = (first_previous - last_max)[:, 1:]  # leaving g+1 -> leaving g
+        to_out = chunk_max - last_max
+    else:
+        exponent = chunk_max.unsqueeze(-2) - previous_max.unsqueeze(-1)  # [i, j] = cm_j - pm_i
+        keep = torch.ones(group, group, dtype=torch.bool, device=flat.device).tril_(-1)
+        to_total = chunk_max - last_max  # totals at the scale of the group's end
+        carry = (first_previous - last_max)[:, :-1]  # entering g -> entering g+1
+        to_out = first_previous - previous_max
+    out = _bmm(exponent.masked_fill_(~keep, -math.inf).exp_(), flat)  # within each group
+    totals = _bmm(to_total.exp_().unsqueeze(-2), flat).squeeze(2)  # (R, groups, m*f)
+    carried = torch.zeros_like(totals)  # entering (forward) / leaving (reverse) each group
+    carry = carry.exp_()
+    steps = range(groups - 1, 0, -1) if reverse else range(groups - 1)
+    for index in steps:
+        source, target = (index, index - 1) if reverse else (index, index + 1)
+        partial = totals[:, target + 1] if reverse else totals[:, source]
+        torch.addcmul(
+            partial, carry[:, min(source, target)], carried[:, source], out=carried[:, target]
+        )
+    out.addcmul_(to_out.exp_().unsqueeze(-1), carried.unsqueeze(2))
+    return out.view(rows, groups * group, *increments.shape[2:])[:, :n]
 
 
 def _exclusive_sum(x: Tensor, reverse: bool = False) -> Tensor:
@@ -468,7 +510,7 @@ def _causal_forward_block(
     num_features = f.eq.shape[-1]
     scaled_values = values if f.key_scale is None else values * f.key_scale
     increments = _bmm(f.ek.transpose(-2, -1), scaled_values)  # (R, n, m, d+1)
-    _carry_forward(increments, f.carry, out=states)
+    states.copy_(_scan_states(increments, f.chunk_max, f.previous_max))
     valid_values = values if f.valid is None else values * f.valid
     past_values = _exclusive_sum(valid_values.sum(dim=-2, keepdim=True))  # (R, n, 1, d+1)
     # Intra-chunk scores: decay * (E_q Ê^T + eps rowsum Ê) + eps (rowsum E_q + m eps) valid.
@@ -520,7 +562,7 @@ def _causal_backward_block(
     grad_query_total.add_((grad_out * past_values).sum(dim=-1, keepdim=True), alpha=eps)
     to_past_values = (grad_out * query_total).sum(dim=-2, keepdim=True).mul_(eps)  # (R, n, 1, d+1)
     # Later chunks, for the keys: the gradient of the state after each chunk.
-    later = _carry_forward(to_states, f.carry, out=torch.empty_like(to_states), reverse=True)
+    later = _scan_states(to_states, f.chunk_max, f.previous_max, reverse=True)
     through_keys = _bmm(f.ek, later)  # (R, n, C, d+1)
     if f.key_scale is not None:
         grad_log_scale.add_((through_keys * values).sum(dim=-1).mul_(f.key_scale.squeeze(-1)))

@@ -84,7 +84,12 @@ def random_qkv(batch, heads, length, dim, dtype=torch.float64, seed=0, scale=0.7
 @pytest.mark.parametrize("kernel,feature_type", KERNEL_SETUPS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
-def test_fused_kernels_equal_quadratic_reference_float64(kernel, feature_type, causal, padded):
+@pytest.mark.parametrize("scan_group", [32, 2], ids=["one-scan-group", "scan-groups"])
+def test_fused_kernels_equal_quadratic_reference_float64(
+    monkeypatch, kernel, feature_type, causal, padded, scan_group
+):
+    # With groups of 2 chunks, the 5 chunks' state scan spans 3 groups, the last one padded.
+    monkeypatch.setattr("protperf.favor.SCAN_GROUP", scan_group)
     # 37 positions in chunks of 8: the last chunk is partial.
     attn = FastAttention(
         head_dim=8,
