@@ -444,36 +444,38 @@ class CausalFavor(torch.autograd.Function):
         n = length // chunk
         values = _values_with_ones(v)
         num_features = w.shape[1] if w is not None else q.shape[-1]
-        states = values.new_empty(rows, n, num_features, values.shape[-1])
         scores = values.new_empty(rows, n, chunk, chunk)
         out = torch.empty_like(values)
         blocks, keep = _row_blocks(rows, length, num_features, q.device)
-        kept = []
+        kept, states = [], []
         for block in blocks:
             features = _chunked_features(
                 feature_map, q[block], k[block], w, None if valid is None else valid[block], chunk
             )
             shape = (-1, n, chunk, values.shape[-1])
-            _causal_forward_block(
-                features, values[block].view(shape), feature_map.eps, states[block], scores[block],
+            block_states = _causal_forward_block(
+                features, values[block].view(shape), feature_map.eps, scores[block],
                 out[block].view(shape),
             )  # fmt: skip
+            states.append(block_states)
             if keep:
                 kept.append(features)
         normalised, denominator = _normalise(out)
-        ctx.save_for_backward(q, k, w, values, states, scores, normalised, denominator, valid)
+        ctx.save_for_backward(q, k, w, values, scores, normalised, denominator, valid)
         ctx.feature_map, ctx.chunk, ctx.kept = feature_map, chunk, (kept if keep else None)
+        ctx.states = states  # per block (R, n, m, d+1); internal, so not save_for_backward
         return normalised
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, w, values, states, scores, normalised, denominator, valid = ctx.saved_tensors
+        q, k, w, values, scores, normalised, denominator, valid = ctx.saved_tensors
         feature_map, chunk = ctx.feature_map, ctx.chunk
         rows, length = q.shape[:2]
         n = length // chunk
         grad_out = _output_gradient(grad, normalised, denominator)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad)
-        blocks, _ = _row_blocks(rows, length, states.shape[2], q.device)
+        num_features = w.shape[1] if w is not None else q.shape[-1]
+        blocks, _ = _row_blocks(rows, length, num_features, q.device)
         for index, block in enumerate(blocks):
             if ctx.kept is not None:
                 features = ctx.kept[index]
@@ -482,7 +484,7 @@ class CausalFavor(torch.autograd.Function):
                 features = _chunked_features(feature_map, q[block], k[block], w, valid_block, chunk)
             shape = (-1, n, chunk, values.shape[-1])
             grad_eq, grad_ek, grad_log_scale, grad_values = _causal_backward_block(
-                features, values[block].view(shape), grad_out[block].view(shape), states[block],
+                features, values[block].view(shape), grad_out[block].view(shape), ctx.states[index],
                 scores[block], feature_map.eps,
             )  # fmt: skip
             flat = (-1, length, grad_eq.shape[-1])
@@ -498,11 +500,11 @@ class CausalFavor(torch.autograd.Function):
 
 
 def _causal_forward_block(
-    f: _ChunkedFeatures, values: Tensor, eps: float, states: Tensor, scores: Tensor, out: Tensor
-) -> None:
+    f: _ChunkedFeatures, values: Tensor, eps: float, scores: Tensor, out: Tensor
+) -> Tensor:
     """Forward of :class:`CausalFavor` for one block, writing into its outputs.
 
-    values (R, n, C, d+1). Writes ``states`` (R, n, m, d+1): the state entering each chunk,
+    values (R, n, C, d+1). Returns ``states`` (R, n, m, d+1): the state entering each chunk,
     S_c = sum_{j before chunk c} Ê_j^T exp(g_j - M_prev) V~_j; ``scores`` (R, n, C, C):
     X = E_q Ê_k^T + eps rowsum(Ê_k) (before the decay); ``out`` (R, n, C, d+1): numerator and
     normaliser.
@@ -510,7 +512,7 @@ def _causal_forward_block(
     num_features = f.eq.shape[-1]
     scaled_values = values if f.key_scale is None else values * f.key_scale
     increments = _bmm(f.ek.transpose(-2, -1), scaled_values)  # (R, n, m, d+1)
-    states.copy_(_scan_states(increments, f.chunk_max, f.previous_max))
+    states = _scan_states(increments, f.chunk_max, f.previous_max)
     valid_values = values if f.valid is None else values * f.valid
     past_values = _exclusive_sum(valid_values.sum(dim=-2, keepdim=True))  # (R, n, 1, d+1)
     # Intra-chunk scores: decay * (E_q Ê^T + eps rowsum Ê) + eps (rowsum E_q + m eps) valid.
@@ -524,6 +526,7 @@ def _causal_forward_block(
         out.mul_(f.query_scale)
     out.addcmul_(query_total, past_values, value=eps)
     _bmm_add_(out, attention, values)
+    return states
 
 
 def _causal_backward_block(
