@@ -23,6 +23,9 @@ VERBS: dict[str, tuple[str, str]] = {
         "train a Performer protein LM (Lightning; YAML configs, multi-GPU)",
     ),
     "plot": ("protperf.plot", "draw a run's accuracy and perplexity curves (PNG)"),
+    "embed": ("protperf.embed", "embed the proteins of a FASTA file (mean and per-residue, HDF5)"),
+    "evaluate": ("protperf.evaluate", "accuracy and perplexity per split vs the unigram baseline"),
+    "generate": ("protperf.generate", "sample proteins from a unidirectional model (FASTA)"),
 }
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from protperf.attention import FastAttention
+from protperf.attention import DecodeState, FastAttention
 from protperf.tokenizer import VOCAB_SIZE
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (padding, unmasked positions)
@@ -141,8 +141,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention: q/k/v projection, rotary, FastAttention, output projection.
 
-    The forward is deliberately small so that an incremental-decoding state (issue 5) can be
-    threaded through it next to ``rope``'s position offset.
+    :meth:`forward` runs a whole sequence; :meth:`step` one new position of a causal layer,
+    threading the attention's :class:`~protperf.attention.DecodeState` (incremental decoding).
     """
 
     def __init__(self, config: PerformerConfig, layer: int) -> None:
@@ -178,6 +178,24 @@ class SelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, length, dim)
         return self.dropout(self.proj(out))
 
+    def step(
+        self,
+        x: Tensor,
+        state: DecodeState | None,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, DecodeState]:
+        """One decoding position. x: (B, 1, D); rope: (cos, sin) of that position, each (1, d).
+
+        Returns (B, 1, D) and the updated state (None on the first position).
+        """
+        batch, _, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out, state = self.attention.step(q, k, v, state)  # (B, H, 1, d)
+        out = out.transpose(1, 2).reshape(batch, 1, dim)
+        return self.dropout(self.proj(out)), state
+
 
 class MLP(nn.Module):
     """Position-wise feed-forward: Linear -> GELU -> Linear (the paper's FFN)."""
@@ -210,6 +228,14 @@ class Block(nn.Module):
     ) -> Tensor:
         x = x + self.attn(self.norm1(x), padding_mask, rope)
         return x + self.mlp(self.norm2(x))
+
+    def step(
+        self, x: Tensor, state: DecodeState | None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, DecodeState]:
+        """One decoding position: x (B, 1, D) -> (B, 1, D), new attention state."""
+        attended, state = self.attn.step(self.norm1(x), state, rope)
+        x = x + attended
+        return x + self.mlp(self.norm2(x)), state
 
 
 class PerformerLM(nn.Module):
@@ -305,6 +331,58 @@ class PerformerLM(nn.Module):
                 logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
             )
         return out
+
+    @torch.no_grad()
+    def decode_step(
+        self, tokens: Tensor, states: list[DecodeState] | None, position: int
+    ) -> tuple[Tensor, list[DecodeState]]:
+        """Incremental decoding of a causal model: feed the token at ``position``, get the next.
+
+        Equals ``forward`` on the whole prefix (up to rounding) at a cost that does not grow with
+        ``position`` for FAVOR+: each layer keeps a constant m x (d+1) state per head (exact
+        attention keeps a key/value cache that grows with the prefix).
+
+        Args:
+            tokens: (B,) ids of the tokens at ``position`` (one per sequence).
+            states: one :class:`~protperf.attention.DecodeState` per layer, as returned by the
+                previous step; None at position 0.
+            position: index of ``tokens`` in their sequences (0 for ``<bos>``), the same for the
+                whole batch.
+
+        Returns:
+            (logits (B, V) for the token at ``position + 1``, the states after ``position``).
+        """
+        config = self.config
+        if not config.causal:
+            raise RuntimeError("decode_step needs a causal (unidirectional) model")
+        if (states is None) != (position == 0):
+            raise ValueError(f"states must be None exactly at position 0 (position {position})")
+        x = self.embed(tokens.view(-1, 1))
+        if self.positions is not None:
+            if position >= config.max_length:
+                raise ValueError(
+                    f"position {position} exceeds learned positions' max_length {config.max_length}"
+                )
+            x = x + self.positions.weight[position]
+        x = self.dropout(x)
+        rope = self.rotary(1, offset=position) if self.rotary is not None else None
+        new_states = []
+        for layer, block in enumerate(self.blocks):
+            x, state = block.step(x, None if states is None else states[layer], rope)
+            new_states.append(state)
+        return self.head(self.norm(x))[:, 0], new_states
+
+    @staticmethod
+    def select_decode_states(states: list[DecodeState], rows: Tensor) -> list[DecodeState]:
+        """Keep (or reorder) the batch rows ``rows`` ((B',) long indices) of decoding states."""
+        return [
+            DecodeState(
+                state.context[rows],
+                state.value_sum[rows],
+                None if state.key_max is None else state.key_max[rows],
+            )
+            for state in states
+        ]
 
     @torch.no_grad()
     def redraw_features(self, seed: int) -> None:

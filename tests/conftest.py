@@ -1,7 +1,9 @@
-"""Shared fixtures: the real protein data in ../shared/data (skipped with a message when absent)."""
+"""Shared fixtures: the real protein data in ../shared/data (skipped with a message when absent),
+a tiny prepared dataset and tiny models trained on it."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,56 @@ def proteome_dir(shared_data: Path) -> Path:
 def uniprot_dat_dir(shared_data: Path) -> Path:
     """Folder of UniProtKB flat-file records with Pfam cross-references."""
     return _require(shared_data / "uniprot-dat")
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Run a test on one intra-op thread: tiny models gain nothing from more, and on a busy CPU
+    threads waiting for each other at every small op make them many times slower."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_data(tmp_path_factory, proteome_dir: Path) -> Path:
+    """A tiny prepared dataset of whole E. coli proteins (train/valid/test/ood, concat 128)."""
+    from lm_data import write_dataset
+
+    fasta = sorted(proteome_dir.glob("*E.coli*.fasta.gz"))[0]
+    return write_dataset(tmp_path_factory.mktemp("tiny-lm-data"), fasta, concat_length=128)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_runs(tmp_path_factory, tiny_lm_data: Path) -> dict[str, Path]:
+    """`protperf train` run folders of tiny models trained briefly on :func:`tiny_lm_data`:
+    ``{"unidirectional": softmax FAVOR+, "bidirectional": generalized (ReLU) FAVOR+}``.
+    Each was tested at the end of training (test and ood metrics in its metrics.csv)."""
+    from lm_models import TINY_TRAIN_ARGS
+
+    from protperf import train
+
+    root = tmp_path_factory.mktemp("trained-tiny")
+    runs = {}
+    for mode, extra in (
+        ("unidirectional", ["--model.kernel=softmax"]),
+        ("bidirectional", ["--bidirectional", "--model.kernel=relu"]),
+    ):
+        run_dir = root / mode
+        args = ["--data", str(tiny_lm_data), "--run_dir", str(run_dir), *TINY_TRAIN_ARGS, *extra]
+        args += ["--optim.lr=0.01", "--trainer.max_steps=16", "--trainer.val_check_interval=8"]
+        with _torch_threads(1):
+            assert train.main(args) == 0
+        runs[mode] = run_dir
+    return runs

@@ -10,29 +10,13 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from lm_data import write_dataset
+from lm_models import TINY_TRAIN_ARGS
 
 from protperf import cli, train
 from protperf.export import load_model
 from protperf.plot import read_metrics
 
-TINY_ARGS = [
-    "--model.dim=32",
-    "--model.depth=2",
-    "--model.heads=4",
-    "--model.ff_dim=64",
-    "--model.max_length=64",
-    "--model.num_features=16",
-    "--loader.batch_size=8",
-    "--loader.num_workers=0",
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.val_check_interval=4",
-    "--trainer.limit_val_batches=2",
-    "--trainer.log_every_n_steps=2",
-    "--checkpoint_every=2",
-]
+TINY_ARGS = TINY_TRAIN_ARGS
 
 
 @pytest.fixture(scope="module")

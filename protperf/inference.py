@@ -1,0 +1,108 @@
+"""What the inference verbs (embed, evaluate, generate) share: loading a model onto a device,
+mixed precision, a fingerprint of the weights, and the paper's name for a model's kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from protperf.commandline import CommandError
+from protperf.model import PerformerConfig, PerformerLM
+
+Precision = Literal["32", "bf16-mixed", "16-mixed"]
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+#: Rows of the paper's Table 2.
+KERNEL_NAMES = {
+    "softmax": "Performer (softmax)",
+    "relu": "Performer (generalized)",
+    "exact": "Transformer",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and what the outputs should record about it."""
+
+    model: PerformerLM
+    config: PerformerConfig
+    path: Path
+    device: torch.device
+
+    @property
+    def mode(self) -> str:
+        return "unidirectional" if self.config.causal else "bidirectional"
+
+    @property
+    def name(self) -> str:
+        return KERNEL_NAMES[self.config.kernel]
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"{self.name}, {self.mode}, {c.depth} layers, d {c.dim}, {c.heads} heads, "
+            f"{self.model.num_parameters():,} parameters"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; a clear error when CUDA is missing."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise CommandError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def load_for_inference(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load a run folder, an export folder or a Lightning ``.ckpt`` (nothing unpickled), in eval
+    mode on ``device``; any loading failure becomes a :class:`CommandError` naming the path."""
+    from protperf.export import load_model
+
+    resolved = resolve_device(device)
+    path = Path(path)
+    if not path.exists():
+        raise CommandError(f"--model {path}: no such file or folder")
+    try:
+        model, config = load_model(path, device=resolved)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as error:
+        raise CommandError(f"--model {path}: cannot load a protperf model ({error})") from error
+    return LoadedModel(model, config, path, resolved)
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
+    """Mixed precision for ``bf16-mixed`` / ``16-mixed``; nothing for ``32``.
+
+    FAVOR+ computes its features in float32 whatever the autocast dtype (protperf.attention).
+    """
+    if precision == "32":
+        yield
+        return
+    if precision not in AUTOCAST_DTYPES:
+        raise CommandError(f"precision must be one of 32, bf16-mixed, 16-mixed, not {precision!r}")
+    with torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision]):
+        yield
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """``sha256:<hex>`` of the state dict (names, dtypes, shapes, values; features included).
+
+    The same weights give the same id whether loaded from a checkpoint or an export.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(
+            value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
+        )
+    return "sha256:" + digest.hexdigest()
