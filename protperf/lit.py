@@ -19,6 +19,7 @@ every ``redraw_every`` steps from a seed derived from the global step, identical
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar, Literal
 
@@ -452,6 +453,36 @@ class BidirectionalLM(ProteinLM):
         }
 
 
+class TrainingClock(pl.Callback):
+    """Logs ``time/train_seconds``: wall time spent in training steps (forward, backward,
+    optimiser), validation and checkpointing excluded, so runs compare by compute, not by how
+    often they were evaluated. Logged with every training log row and at each validation; kept
+    in checkpoints, so a resumed run continues its clock."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+        pl_module.log("time/train_seconds", self.seconds, on_step=True, on_epoch=False)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log("time/train_seconds", self.seconds)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.seconds = float(state_dict["seconds"])
+
+
 MODULES: dict[str, type[ProteinLM]] = {
     "unidirectional": UnidirectionalLM,
     "bidirectional": BidirectionalLM,
@@ -479,6 +510,7 @@ __all__ = [
     "Perplexity",
     "ProteinLM",
     "TokenMean",
+    "TrainingClock",
     "UnidirectionalLM",
     "lr_multiplier",
     "mask_tokens",

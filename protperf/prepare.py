@@ -35,6 +35,7 @@ def prepare_data(
     out: Path | None = None,
     mirror: str = "uniprot",
     source: list[str] | None = None,
+    ood_source: list[str] | None = None,
     pfam_map: str | None = None,
     max_sequences: int | None = None,
     concat_length: int = 8192,
@@ -66,6 +67,8 @@ def prepare_data(
         mirror: uniprot, ebi, expasy, or the base URL of a mirror's databases/uniprot/ folder.
         source: Read these instead of a release: local paths or URLs of UniProt flat files
             (.dat), FASTA, gzipped or not, or a knowledgebase tar.gz. Several: --source a b.
+        ood_source: Sources read like --source whose every record goes to ood: hold out whole
+            organisms (a sequence also found in another source is kept once, in ood).
         pfam_map: For FASTA sources: a file or URL mapping accessions to Pfam families (first
             column the accession, PF ids anywhere on the line; gzip allowed) for the OOD split.
         max_sequences: Stop after this many records (a quick sample; the md5 is not checked).
@@ -90,9 +93,13 @@ def prepare_data(
     families = _held_out_families(ood_families, ood_families_file)
     with _short_gil_switch_interval():
         sources: list[dict] = []
+        if ood_source and not source:
+            raise DataError("--ood-source needs --source (the sources to split)")
         if source:
             label = release or "custom"
-            inputs = [{"spec": spec} for spec in source]
+            # Held-out sources first: a sequence they share with another source stays in ood.
+            inputs = [{"spec": spec, "held_out": True} for spec in ood_source or []]
+            inputs += [{"spec": spec} for spec in source]
         else:
             archive = resolve_release(
                 release or PAPER_RELEASE, mirror, retries=retries, retry_wait=retry_wait
@@ -142,8 +149,9 @@ def prepare_data(
                             )
                             progress = _progress(inputs, quiet)
                         entry = _read_source(
-                            source, builder, families, held_out_accessions, left, progress
-                        )
+                            source, builder, families, held_out_accessions, left, progress,
+                            held_out=item.get("held_out", False),
+                        )  # fmt: skip
                     finally:
                         source.close()
                     sources.append(entry)
@@ -230,8 +238,13 @@ def _read_source(
     held_out_accessions: set[str],
     left: int | None,
     progress,
+    *,
+    held_out: bool = False,
 ) -> dict:
-    """Feed an opened source's records to the builder; returns its manifest entry."""
+    """Feed an opened source's records to the builder; returns its manifest entry.
+
+    ``held_out``: every record goes to ood (a source given with ``--ood-source``).
+    """
     from protperf.data.records import iter_batches
 
     reported, before, opened = 0, builder.records, time.perf_counter()
@@ -242,6 +255,8 @@ def _read_source(
         held_out_accessions=held_out_accessions,
         max_records=left,
     ):
+        if held_out:
+            batch.held_out[:] = True
         builder.add(batch)
         progress.update(source.meter.bytes - reported)
         reported = source.meter.bytes
@@ -250,11 +265,11 @@ def _read_source(
             f"{builder.records:,} records, {rate:,.0f} records/s", refresh=False
         )
     if left is not None and builder.records - before >= left:
-        return source.entry(verified=False)  # stopped early: the md5 cannot be checked
+        return {**source.entry(verified=False), "ood": held_out}  # stopped early: no md5 check
     for _ in source.chunks:  # whatever follows the records (rest of the tar) counts for md5
         pass
     progress.update(source.meter.bytes - reported)
-    return source.verify()
+    return {**source.verify(), "ood": held_out}
 
 
 class _NoProgress:
@@ -323,7 +338,7 @@ def _read_pfam_map(spec: str, families: list[str], retries: int, retry_wait: flo
 
 
 #: Options that take several values (``--source a b``), and the flags (``--quiet``).
-_LIST_OPTIONS = {"source", "ood_families"}
+_LIST_OPTIONS = {"source", "ood_source", "ood_families"}
 _FLAGS = {"overwrite", "quiet"}
 
 

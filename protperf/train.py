@@ -179,8 +179,11 @@ def build_loggers(cfg: Namespace, run_dir: Path) -> list[Any]:
 
 
 def build_callbacks(cfg: Namespace, run_dir: Path, *, has_validation: bool) -> list[Any]:
-    """Periodic + last checkpoints, best by validation perplexity, learning-rate monitor."""
+    """Periodic + last checkpoints, best by validation perplexity, learning-rate monitor,
+    training clock (``time/train_seconds``)."""
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from protperf.lit import TrainingClock
 
     directory = str(run_dir / "checkpoints")
     callbacks: list[Any] = [
@@ -195,6 +198,7 @@ def build_callbacks(cfg: Namespace, run_dir: Path, *, has_validation: bool) -> l
             auto_insert_metric_name=False,
         ),
         LearningRateMonitor(logging_interval="step"),
+        TrainingClock(),
     ]
     if has_validation:
         callbacks.append(

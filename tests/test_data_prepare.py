@@ -271,6 +271,38 @@ def test_fasta_proteomes_with_pfam_map(proteome_dir, capsys, tmp_path):
     assert manifest["duplicates_dropped"] == len(records) - len(first_copy)
 
 
+def test_ood_source_holds_out_whole_organisms(proteome_dir, capsys, tmp_path):
+    def sequences(path):
+        with gzip.open(path, "rt") as handle:
+            return {str(r.seq).upper().replace("*", "X") for r in SeqIO.parse(handle, "fasta")}
+
+    held = proteome_dir / "UP000008962-S.typhimurium.fasta.gz"  # overlaps the other Salmonella
+    kept = [proteome_dir / f"{name}.fasta.gz" for name in
+            ("UP000001014-S.typhimurium", "UP000002717-S.elongatus")]  # fmt: skip
+    out = tmp_path / "organisms"
+    status, _, err = run(
+        ["--source", *map(str, kept), "--ood-source", str(held), "--ood-families", "none",
+         "--out", str(out), "--valid-fraction", "0.05", "--test-fraction", "0.05"],
+        capsys,
+    )  # fmt: skip
+    assert status == 0, err
+    found = {split: {seq for _, seq in items} for split, items in read_all(out).items()}
+    held_sequences = sequences(held)
+    shared = held_sequences & sequences(kept[0])
+    assert len(shared) > 1000  # two strains: most proteins are identical
+    assert found["ood"] == held_sequences
+    assert not held_sequences & (found["train"] | found["valid"] | found["test"])
+    assert (
+        found["train"] | found["valid"] | found["test"]
+        == (sequences(kept[0]) | sequences(kept[1])) - held_sequences
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [source["ood"] for source in manifest["sources"]] == [True, False, False]
+    assert manifest["sources"][0]["url"].endswith(held.name)
+    status, _, err = run(["--ood-source", str(held), "--out", str(tmp_path / "x")], capsys)
+    assert status == 1 and "--ood-source needs --source" in err
+
+
 def test_malformed_inputs_give_clear_errors(uniprot_dat_dir, proteome_dir, capsys, tmp_path):
     good = (uniprot_dat_dir / "emboss_trembl.dat").read_bytes()
     truncated = tmp_path / "cut.dat.gz"

@@ -102,6 +102,11 @@ def test_train_writes_logs_checkpoints_export_and_curves(data, tmp_path, capsys)
     with open(next(run_dir.glob("logs/version_*/metrics.csv"))) as handle:
         rows = list(csv.DictReader(handle))
     assert any(row.get("lr-AdamW/pg1") for row in rows)
+    # The training clock: logged with the train rows and at each validation, never decreasing.
+    clock = [(int(row["step"]), float(row["time/train_seconds"])) for row in rows
+             if row.get("time/train_seconds")]  # fmt: skip
+    assert clock and sorted(clock) == clock and clock[-1][1] > 0
+    assert any(row.get("valid/perplexity") and row.get("time/train_seconds") for row in rows)
 
 
 class _Crash(pl.Callback):
@@ -141,6 +146,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data, tmp_path, monkeypatc
         assert torch.equal(value, resumed["state_dict"][key]), key
     # The curves of both launches are merged: validation at steps 3 and 7 (the latter re-run).
     assert sorted(read_metrics(tmp_path / "killed")["valid/perplexity"]) == [3, 7]
+    # The training clock is checkpointed: the resumed launch continues from the killed one's.
+    (clock,) = [v for k, v in resumed["callbacks"].items() if k.startswith("TrainingClock")]
+    assert clock["seconds"] > 0
 
 
 def test_concat_mode_trains(data, tmp_path):
