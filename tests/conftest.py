@@ -4,12 +4,14 @@ a tiny prepared dataset and tiny models trained on it."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+#: The real data: ../shared/data beside the repository, or wherever PROTPERF_SHARED_DATA points.
+SHARED_DATA = Path(os.environ.get("PROTPERF_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def _require(path: Path) -> Path:

@@ -104,6 +104,8 @@ def test_two_process_ddp_on_cpu(tmp_path, proteome_dir):
     # Metrics (reduced over uneven shards) equal the single-process computation.
     module.model.load_state_dict(states[0])
     ddp = [json.loads((tmp_path / f"metrics{rank}.json").read_text()) for rank in (0, 1)]
+    clocks = [metrics.pop("time/train_seconds") for metrics in ddp]  # each rank's own clock
+    assert all(seconds > 0 for seconds in clocks)
     assert ddp[0] == ddp[1]
     for split in ("valid", "test", "ood"):
         single = _single_process_metrics(module, data, split)

@@ -1,0 +1,425 @@
+"""README.md cannot rot: every command it shows runs here, offline, on real proteins.
+
+The README's ```bash blocks are split into commands and run; its ```python blocks are executed.
+A block preceded by ``<!-- readme-test: skip (reason) -->`` is not run (downloads, GPUs, Docker,
+``make demo`` itself, long benchmarks); every skip must give its reason.
+
+Each block runs in a fresh copy of a workspace laid out as the README assumes after ``make demo``
+(the project root with ``configs/``, ``demo/data``, ``demo/run``, ``demo/sample.fasta``,
+``demo/embeddings.h5``, and ``../shared/data`` beside it), only smaller: the dataset is built by
+``protperf prepare-data`` from a few hundred real proteins and the model is tiny. ``protperf``
+commands run in this process through ``protperf.cli.main``; ``protperf train`` gets the tiny
+model's options appended (they win over the README's), so that it takes seconds. After each
+command the files the README promises are checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from protperf import cli
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+FENCE = re.compile(r"^```(\S*)\s*$")
+SKIP = re.compile(r"^<!--\s*readme-test:\s*skip\b(.*?)-->\s*$")
+RUNNABLE = ("bash", "python")
+SHELL_OPERATORS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "2>", "&>"}
+
+#: Appended to every README `protperf train`: the tiny model of the tests, a few steps.
+TRAIN_STEPS = 4
+RESUME_STEPS = 6
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced code block of README.md."""
+
+    id: str  # section heading + index within the section
+    language: str
+    code: str
+    line: int  # 1-based line of the opening fence
+    skip: str | None  # the skip marker's text, None when the block runs
+
+
+def _slug(heading: str) -> str:
+    """``prepare-data: UniProt into HDF5`` -> ``prepare-data``; ``Data layout`` -> ``data-layout``."""
+    return re.sub(r"[^a-z0-9]+", "-", heading.split(":")[0].lower()).strip("-") or "top"
+
+
+def readme_blocks(text: str) -> list[Block]:
+    """Every fenced block of ``text``, with its section and skip marker."""
+    lines = text.splitlines()
+    blocks: list[Block] = []
+    heading, index_in_section = "top", 0
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            heading, index_in_section = line.lstrip("#").strip(), 0
+        match = FENCE.match(line)
+        if match:
+            start = i
+            i += 1
+            body = []
+            while i < len(lines) and not lines[i].startswith("```"):
+                body.append(lines[i])
+                i += 1
+            previous = lines[start - 1] if start else ""
+            skip = SKIP.match(previous)
+            blocks.append(
+                Block(
+                    id=f"{_slug(heading)}-{index_in_section}",
+                    language=match.group(1),
+                    code="\n".join(body) + "\n",
+                    line=start + 1,
+                    skip=skip.group(1).strip() if skip else None,
+                )
+            )
+            index_in_section += 1
+        i += 1
+    return blocks
+
+
+def bash_commands(code: str) -> list[str]:
+    """The commands of a bash block: continuation lines joined, comments and blanks dropped."""
+    commands, pending = [], ""
+    for line in code.splitlines():
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        command = (pending + line).strip()
+        pending = ""
+        if command and not command.startswith("#"):
+            commands.append(command)
+    return commands
+
+
+def _uses_shell(command: str) -> bool:
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    return any(token in SHELL_OPERATORS for token in lexer)
+
+
+BLOCKS = readme_blocks(README.read_text())
+RUN_BLOCKS = [block for block in BLOCKS if block.language in RUNNABLE and block.skip is None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The workspace: the project root as `make demo` leaves it, small
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_records(fasta_gz: Path, count: int) -> str:
+    out, seen = [], 0
+    with gzip.open(fasta_gz, "rt") as handle:
+        for line in handle:
+            if line.startswith(">"):
+                seen += 1
+                if seen > count:
+                    break
+            out.append(line)
+    return "".join(out)
+
+
+def _run_protperf(argv: list[str]) -> tuple[int, str]:
+    """``protperf ARGV`` in this process; returns (exit status, standard output)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        try:
+            status = cli.main(argv)
+        except SystemExit as stop:  # jsonargparse exits on --help, --print_config and errors
+            status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return status, stdout.getvalue()
+
+
+def _shrink_train(argv: list[str]) -> list[str]:
+    """A README `protperf train` made tiny: the tests' model and a few steps appended."""
+    from lm_models import TINY_TRAIN_ARGS
+
+    tiny = list(TINY_TRAIN_ARGS)
+    if "--concat" in argv:  # the crop length is the dataset's chunk length there
+        tiny = [arg for arg in tiny if not arg.startswith("--model.max_length")]
+    steps = RESUME_STEPS if "--resume" in argv else TRAIN_STEPS
+    return [*argv, *tiny, f"--trainer.max_steps={steps}", "--trainer.limit_test_batches=2"]
+
+
+@contextlib.contextmanager
+def _one_thread_in(directory: Path):
+    import torch
+
+    threads, cwd = torch.get_num_threads(), Path.cwd()
+    torch.set_num_threads(1)
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def readme_workspace(tmp_path_factory, proteome_dir: Path) -> Path:
+    """A folder holding ``project/`` (where README commands run) and ``shared/data``."""
+    root = tmp_path_factory.mktemp("readme")
+    (root / "shared").mkdir()
+    (root / "shared" / "data").symlink_to(proteome_dir.parent, target_is_directory=True)
+    project = root / "project"
+    (project / "demo").mkdir(parents=True)
+    (project / "configs").symlink_to(REPO / "configs", target_is_directory=True)
+
+    inputs = root / "inputs"
+    inputs.mkdir()
+    ecoli = proteome_dir / "UP000000625-E.coli.fasta.gz"
+    yeast = proteome_dir / "UP000002311-S.cerevisiae.fasta.gz"
+    (inputs / "bacteria.fasta").write_text(_first_records(ecoli, 400))
+    (inputs / "yeast.fasta").write_text(_first_records(yeast, 40))
+    (project / "demo" / "sample.fasta").write_text(_first_records(ecoli, 12))
+
+    # What scripts/demo.sh does, at the size of a test.
+    steps = [
+        ["prepare-data", "--source", str(inputs / "bacteria.fasta"), "--ood-source",
+         str(inputs / "yeast.fasta"), "--out", "demo/data", "--concat-length", "128",
+         "--valid-fraction", "0.1", "--test-fraction", "0.1", "--ood-families", "none",
+         "--quiet"],
+        _shrink_train(["train", "--config", "configs/tiny-cpu.yaml", "--data", "demo/data",
+                       "--run_dir", "demo/run"]),
+        ["embed", "demo/sample.fasta", "--model", "demo/run", "-o", "demo/embeddings.h5",
+         "--per-residue"],
+        ["generate", "--model", "demo/run", "-n", "3", "-o", "demo/generated.fasta"],
+    ]  # fmt: skip
+    with _one_thread_in(project):
+        for argv in steps:
+            status, _ = _run_protperf(argv)
+            assert status == 0, f"workspace: protperf {shlex.join(argv)} failed"
+    return root
+
+
+@pytest.fixture
+def workspace(readme_workspace: Path, tmp_path: Path, single_torch_thread) -> Path:
+    """A fresh copy of the workspace; the current folder is its project root meanwhile."""
+    root = tmp_path / "ws"
+    shutil.copytree(readme_workspace, root, symlinks=True)
+    project = root / "project"
+    cwd = Path.cwd()
+    os.chdir(project)
+    try:
+        yield project
+    finally:
+        os.chdir(cwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each verb promises
+# ---------------------------------------------------------------------------------------------
+
+
+def _option(argv: list[str], *names: str, default: str | None = None) -> str | None:
+    """The value of the last ``--name value`` / ``--name=value`` in ``argv`` (any spelling)."""
+    wanted = {name.replace("_", "-") for name in names}
+    value = default
+    for i, arg in enumerate(argv):
+        name, equals, inline = arg.partition("=")
+        if name.replace("_", "-") in wanted:
+            value = inline if equals else (argv[i + 1] if i + 1 < len(argv) else None)
+    return value
+
+
+def _check_prepare_data(argv: list[str], out_text: str) -> None:
+    release = _option(argv, "--release")
+    out = Path(_option(argv, "--out", default=f"data/{release or 'custom'}"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in ("train", "valid", "test", "ood"):
+        assert (out / f"{split}.h5").is_file()
+    assert (out / "tokenizer.json").is_file()
+    assert manifest["splits"]["train"]["sequences"] > 0
+    if "--ood-source" in argv or "--ood_source" in argv:
+        assert manifest["splits"]["ood"]["sequences"] > 0
+
+
+def _check_train(argv: list[str], before: set[Path], out_text: str) -> None:
+    if any(arg.startswith("--print_config") for arg in argv):
+        assert "model:" in out_text
+        return
+    run_dir = _option(argv, "--run_dir")
+    if run_dir is None and "--resume" in argv:  # the saved config names it
+        import yaml
+
+        config = _option(argv, "--config")
+        run_dir = yaml.safe_load(Path(config).read_text())["run_dir"]
+    if run_dir is None:  # the default, runs/<config>-<uni|bi>: the one that appeared
+        new = {p.parent.parent for p in Path().glob("runs/*/export/config.json")} - before
+        assert len(new) == 1, f"expected one new run folder under runs/, found {sorted(new)}"
+        run_dir = new.pop()
+    run = Path(run_dir)
+    for name in ("config.yaml", "checkpoints/last.ckpt", "export/model.safetensors",
+                 "export/config.json", "export/tokenizer.json", "curves.png"):  # fmt: skip
+        assert (run / name).is_file(), f"{run / name} missing"
+    exported = json.loads((run / "export" / "config.json").read_text())
+    steps = RESUME_STEPS if "--resume" in argv else TRAIN_STEPS
+    assert exported["step"] == steps
+    assert exported["mode"] == ("bidirectional" if "--bidirectional" in argv else "unidirectional")
+    if "--wandb" in argv:
+        assert list(run.glob("wandb/offline-run-*/*.wandb")), "no offline wandb run"
+
+
+def _check_evaluate(argv: list[str], out_text: str) -> None:
+    if _option(argv, "--format") == "json":
+        assert json.loads(out_text)
+    else:
+        assert "| type | set" in out_text and "unigram baseline" in out_text
+
+
+def _check_embed(argv: list[str], out_text: str) -> None:
+    import h5py
+
+    fasta = Path(argv[1])
+    out = Path(_option(argv, "-o", "--out", default=fasta.with_suffix(".h5").name))
+    with h5py.File(out, "r") as f:
+        n = f["mean"].shape[0]
+        assert n == len(f["ids"]) == fasta.read_text().count(">") > 0
+        if "--per-residue" in argv:
+            assert f["offsets"].shape == (n + 1,)
+            assert f["residues"].shape[0] == f["offsets"][-1]
+
+
+def _check_generate(argv: list[str], out_text: str) -> None:
+    count = int(_option(argv, "-n", "--num", default="10"))
+    out = _option(argv, "-o", "--out")
+    text = Path(out).read_text() if out else out_text
+    assert text.count(">") == count
+    prompt = _option(argv, "--prompt")
+    if prompt:
+        sequences = [s.split("\n", 1)[1].replace("\n", "") for s in text.split(">")[1:]]
+        assert all(seq.startswith(prompt.upper()) for seq in sequences)
+
+
+def _check_plot(argv: list[str], out_text: str) -> None:
+    out = _option(argv, "--out") or str(Path(argv[1]) / "curves.png")
+    assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def run_protperf_command(argv: list[str]) -> None:
+    """Run a README `protperf ...` (argv without the program name) and check its promises."""
+    verb = argv[0]
+    before = {p.parent.parent for p in Path().glob("runs/*/export/config.json")}
+    run_argv = _shrink_train(argv) if verb == "train" else argv
+    if "--wandb" in argv:  # wandb's service and exit hooks stay out of the test process
+        done = subprocess.run(
+            [sys.executable, "-m", "protperf.cli", *run_argv],
+            env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        status, out_text = done.returncode, done.stdout + done.stderr
+    else:
+        status, out_text = _run_protperf(run_argv)
+    assert status == 0, f"protperf {shlex.join(run_argv)} exited with {status}:\n{out_text}"
+    if "-h" in argv or "--help" in argv:
+        return
+    if verb == "prepare-data":
+        _check_prepare_data(argv, out_text)
+    elif verb == "train":
+        _check_train(run_argv, before, out_text)
+    elif verb == "evaluate":
+        _check_evaluate(argv, out_text)
+    elif verb == "embed":
+        _check_embed(argv, out_text)
+    elif verb == "generate":
+        _check_generate(argv, out_text)
+    elif verb == "plot":
+        _check_plot(argv, out_text)
+
+
+def run_shell_command(command: str) -> None:
+    """Anything else (or a command with pipes and redirections): bash, in the workspace."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\n{command}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=[block.id for block in RUN_BLOCKS])
+def test_readme_block_runs(block: Block, workspace: Path) -> None:
+    """Every runnable block of README.md runs as written (train shrunk) and keeps its promises."""
+    if block.language == "python":
+        code = compile(block.code, f"README.md:{block.line + 1}", "exec")
+        exec(code, {"__name__": "__readme__"})
+        return
+    for command in bash_commands(block.code):
+        words = shlex.split(command, comments=True)
+        if words[0] == "protperf" and not _uses_shell(command):
+            run_protperf_command(words[1:])
+        else:
+            assert not (words[0] == "protperf" and words[1] == "train"), (
+                "README: `protperf train` with pipes or redirections cannot be shrunk for the test"
+            )
+            run_shell_command(command)
+
+
+def test_readme_has_runnable_blocks() -> None:
+    languages = {block.language for block in RUN_BLOCKS}
+    assert languages == {"bash", "python"}, languages
+    verbs_run = {
+        shlex.split(command)[1]
+        for block in RUN_BLOCKS
+        if block.language == "bash"
+        for command in bash_commands(block.code)
+        if command.startswith("protperf ")
+    }
+    assert verbs_run >= set(cli.VERBS), f"README runs no example of {set(cli.VERBS) - verbs_run}"
+
+
+def test_skip_markers_give_a_reason_and_precede_a_fence() -> None:
+    lines = README.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if "readme-test" not in line:
+            continue
+        match = SKIP.match(line)
+        assert match, f"README.md:{number}: malformed marker {line!r}"
+        reason = re.fullmatch(r"\s*\((.+)\)\s*", match.group(1))
+        assert reason and reason.group(1).strip(), f"README.md:{number}: skip without (reason)"
+        following = lines[number] if number < len(lines) else ""
+        assert FENCE.match(following), f"README.md:{number}: no code fence on the next line"
+
+
+def test_readme_mentions_only_real_verbs() -> None:
+    text = README.read_text()
+    bash = "\n".join(block.code for block in BLOCKS if block.language == "bash")
+    mentioned = set(re.findall(r"^\s*(?:srun\s+)?protperf ([a-z][a-z-]*)", bash, re.M))
+    mentioned |= set(re.findall(r"-m protperf\.cli ([a-z][a-z-]*)", bash))
+    mentioned |= set(re.findall(r"`protperf ([a-z][a-z-]*)", text))
+    assert mentioned, "README shows no protperf command"
+    unknown = mentioned - set(cli.VERBS)
+    assert not unknown, f"README mentions verbs that `protperf --help` does not list: {unknown}"
+    undocumented = set(cli.VERBS) - mentioned
+    assert not undocumented, f"verbs missing from README: {undocumented}"
+
+
+def test_readme_test_command_is_the_ci_and_make_one() -> None:
+    """README, .ci/run and the Makefile run the suite with the same command."""
+    command = "python -m pytest -q"
+    assert command in README.read_text()
+    assert command in (REPO / ".ci" / "run").read_text()
+    assert command in (REPO / "Makefile").read_text()

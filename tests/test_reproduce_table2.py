@@ -1,0 +1,125 @@
+"""benchmarks/reproduce_table2.py --smoke on real proteomes: Table 2 from `protperf evaluate`'s
+JSON, the concat comparison, the curves, and a rerun that skips the finished runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from protperf.cli import main as protperf_main
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_table2.py"
+RUNS = [f"{mode}-{kernel}" for mode in ("unidirectional", "bidirectional") for kernel in ("exact", "relu", "softmax")]  # fmt: skip
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("reproduce_table2", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("reproduce_table2", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, proteome_dir: Path, script) -> tuple[Path, list[str]]:
+    """One --smoke invocation (S. elongatus + Synechocystis, E. coli held out as OOD)."""
+    out = tmp_path_factory.mktemp("table2") / "out"
+    argv = ["--smoke", "--out", str(out), "--proteomes-dir", str(proteome_dir)]
+    assert script.main(argv) == 0
+    return out, argv
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(("| UNI", "| BID"))
+    ]
+
+
+def test_smoke_writes_table2_from_the_evaluate_json(smoke, script):
+    out, _ = smoke
+    text = (out / "table2.md").read_text()
+    rows = _table_rows(text)
+    baselines = [row for row in rows if row[2] == "empirical unigram baseline"]
+    assert [(row[0], row[1]) for row in baselines] == [
+        ("UNI", "test"), ("UNI", "OOD"), ("BID", "test"), ("BID", "OOD"),
+    ]  # fmt: skip
+    models = [row for row in rows if row[2] != "empirical unigram baseline"]
+    assert len(models) == 12  # 6 runs x (test, OOD)
+    for name in RUNS:
+        mode, kernel = name.split("-")
+        evaluation = json.loads((out / "runs" / name / "evaluate.json").read_text())["result"]
+        assert evaluation["kernel"] == kernel and evaluation["mode"] == mode
+        for split, set_name in (("test", "test"), ("ood", "OOD")):
+            row = next(
+                r for r in models
+                if (r[0], r[1], r[2]) == (script.MODES[mode], set_name, script.MODELS[kernel])
+            )  # fmt: skip
+            scores = evaluation["splits"][split]["model"]
+            assert row[3] == f"{100 * scores['accuracy']:.2f}"
+            assert row[4] == f"{scores['perplexity']:.2f}"
+            baseline = next(r for r in baselines if (r[0], r[1]) == (row[0], row[1]))
+            expected = evaluation["splits"][split]["baseline"]
+            assert baseline[3:5] == [
+                f"{100 * expected['accuracy']:.2f}",
+                f"{expected['perplexity']:.2f}",
+            ]
+    assert "Concat setting, unidirectional, L = 256" in text
+    assert "| Transformer | 6 |" in text and "| Performer (generalized) | 6 |" in text
+    assert "concat: Performer (generalized)" in text
+    assert text.count("PASS: ") + text.count("FAIL: ") == 6 + 4 + 1
+    assert "Machine: " in text and " cores, torch " in text
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {*RUNS, "concat-exact", "concat-relu"}
+    assert results["concat"]["time_source"] == [
+        "`time/train_seconds` logged at each validation (training steps only)"
+    ]
+    assert len(results["table2"]) == 16
+
+
+def test_table2_numbers_equal_a_fresh_evaluate(smoke, capsys, single_torch_thread):
+    """The table's numbers are what a user gets from `protperf evaluate` on the run."""
+    out, _ = smoke
+    capsys.readouterr()
+    run = out / "runs" / "bidirectional-relu"
+    argv = ["evaluate", "--model", str(run), "--data", str(out / "data"), "--format", "json"]
+    assert protperf_main(argv) == 0
+    fresh = json.loads(capsys.readouterr().out)
+    rows = _table_rows((out / "table2.md").read_text())
+    row = next(r for r in rows if r[:3] == ["BID", "OOD", "Performer (generalized)"])
+    assert row[3] == f"{100 * fresh['splits']['ood']['model']['accuracy']:.2f}"
+    assert row[4] == f"{fresh['splits']['ood']['model']['perplexity']:.2f}"
+
+
+def test_rerun_skips_finished_runs(smoke, script, capsys):
+    out, argv = smoke
+    before = _table_rows((out / "table2.md").read_text())
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert script.main(argv) == 0
+    elapsed = time.perf_counter() - started
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "$ protperf" not in printed  # nothing prepared or trained
+    assert printed.count("skip ") == 8
+    assert _table_rows((out / "table2.md").read_text()) == before
+    assert elapsed < 30, elapsed  # plotting only
+
+
+def test_time_to_reach_interpolates_over_time(script):
+    timeline = [(9, 10.0, 0.10), (19, 20.0, 0.20), (29, 40.0, 0.30)]
+    assert script.time_to_reach(timeline, 0.05) == 10.0  # already there at the first point
+    assert script.time_to_reach(timeline, 0.25) == pytest.approx(30.0)
+    assert script.time_to_reach(timeline, 0.30) == pytest.approx(40.0)
+    assert script.time_to_reach(timeline, 0.31) is None
