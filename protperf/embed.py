@@ -30,7 +30,6 @@ final layer-normed states, the ones the LM head reads; negative values count fro
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -43,7 +42,13 @@ from torch import Tensor
 from protperf import __version__
 from protperf.commandline import CommandError, run_verb
 from protperf.fasta import FastaRecord, read_fasta
-from protperf.inference import Precision, autocast, load_for_inference, weights_fingerprint
+from protperf.inference import (
+    Precision,
+    atomic_output,
+    autocast,
+    load_for_inference,
+    weights_fingerprint,
+)
 from protperf.model import PerformerLM
 from protperf.tokenizer import BOS, EOS, PAD, encode
 
@@ -175,35 +180,29 @@ def write_embeddings(
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     layer_axis = (num_layers,) if num_layers > 1 else ()
     means = np.zeros((len(records), *layer_axis, dim), dtype=np.float32)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            strings = h5py.string_dtype()
-            f.create_dataset("ids", data=[r.id for r in records], dtype=strings)
-            f.create_dataset("descriptions", data=[r.description for r in records], dtype=strings)
-            residues_ds = None
-            if per_residue:
-                f.create_dataset("offsets", data=offsets)
-                residues_ds = f.create_dataset(
-                    "residues", shape=(int(offsets[-1]), *layer_axis, dim), dtype=np.float32
-                )
-            seen = np.zeros(len(records), dtype=bool)
-            for index, mean, residues in items:
-                means[index] = mean.numpy().reshape(means.shape[1:])
-                if residues_ds is not None and residues is not None:
-                    rows = residues.numpy().reshape(-1, *residues_ds.shape[1:])
-                    residues_ds[offsets[index] : offsets[index + 1]] = rows
-                seen[index] = True
-                if progress is not None:
-                    progress.update(int(lengths[index]))
-            if not seen.all():
-                raise RuntimeError(f"{int((~seen).sum())} proteins were not embedded")
-            f.create_dataset("mean", data=means)
-            f.attrs.update(attrs)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
+        strings = h5py.string_dtype()
+        f.create_dataset("ids", data=[r.id for r in records], dtype=strings)
+        f.create_dataset("descriptions", data=[r.description for r in records], dtype=strings)
+        residues_ds = None
+        if per_residue:
+            f.create_dataset("offsets", data=offsets)
+            residues_ds = f.create_dataset(
+                "residues", shape=(int(offsets[-1]), *layer_axis, dim), dtype=np.float32
+            )
+        seen = np.zeros(len(records), dtype=bool)
+        for index, mean, residues in items:
+            means[index] = mean.numpy().reshape(means.shape[1:])
+            if residues_ds is not None and residues is not None:
+                rows = residues.numpy().reshape(-1, *residues_ds.shape[1:])
+                residues_ds[offsets[index] : offsets[index + 1]] = rows
+            seen[index] = True
+            if progress is not None:
+                progress.update(int(lengths[index]))
+        if not seen.all():
+            raise RuntimeError(f"{int((~seen).sum())} proteins were not embedded")
+        f.create_dataset("mean", data=means)
+        f.attrs.update(attrs)
 
 
 def embed(

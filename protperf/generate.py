@@ -19,7 +19,6 @@ on ``-n`` or ``--batch-size`` (up to floating-point rounding of batched arithmet
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from protperf.commandline import CommandError, run_verb
 from protperf.fasta import ALPHABET, FastaRecord, write_fasta
-from protperf.inference import load_for_inference
+from protperf.inference import atomic_output, load_for_inference
 from protperf.model import PerformerLM, derive_seed
 from protperf.tokenizer import BOS, EOS, FIRST_RESIDUE_ID, VOCAB_SIZE, decode, encode
 
@@ -162,14 +161,8 @@ def _write(records: list[FastaRecord], out: Path | None) -> None:
     if out is None:
         write_fasta(records, sys.stdout)
         return
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            write_fasta(records, handle)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as tmp, open(tmp, "w") as handle:
+        write_fasta(records, handle)
 
 
 def generate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,3 +107,16 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
             value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
         )
     return "sha256:" + digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; rename it onto ``out`` when the block completes,
+    delete it on any error or interrupt, so that ``out`` only ever holds a whole file."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -7,6 +7,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from lm_models import TINY_MODEL
 
 from protperf.lit import (
     BidirectionalLM,
@@ -22,15 +23,7 @@ from protperf.lit import (
 from protperf.model import IGNORE_INDEX, PerformerConfig, derive_seed
 from protperf.tokenizer import BOS, EOS, FIRST_RESIDUE_ID, MASK, PAD
 
-TINY = {
-    "dim": 32,
-    "depth": 2,
-    "heads": 4,
-    "ff_dim": 64,
-    "max_length": 64,
-    "num_features": 16,
-    "dropout": 0.0,
-}
+TINY = TINY_MODEL
 
 
 def test_mask_tokens_on_a_hand_made_example():

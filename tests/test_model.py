@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_models import tiny_config
 
 from protperf.model import IGNORE_INDEX, PerformerConfig, PerformerLM, derive_seed
 from protperf.tokenizer import BOS, EOS, PAD
@@ -11,17 +12,7 @@ from protperf.tokenizer import BOS, EOS, PAD
 KERNELS = ("softmax", "relu", "exact")
 
 
-def tiny(**overrides) -> PerformerConfig:
-    values = {
-        "dim": 32,
-        "depth": 2,
-        "heads": 4,
-        "ff_dim": 64,
-        "max_length": 64,
-        "num_features": 16,
-        "dropout": 0.0,
-    }
-    return PerformerConfig(**{**values, **overrides})
+tiny = tiny_config
 
 
 def random_tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
