@@ -11,7 +11,17 @@ Runs the `protperf` CLI as a user would type it, and prints each command before 
 3. ``protperf evaluate --split test ood --format json`` on each run: accuracy and perplexity
    next to the empirical unigram baseline, laid out as the paper's Table 2.
 4. ``protperf train --concat`` (L = the concat length, 8,192 by default) for a unidirectional
-   Performer and Transformer of the same small size, compared by validation accuracy vs time.
+   Performer and Transformer of the same small size, compared by validation accuracy vs time,
+   both at a constant learning rate after warmup (the paper's concat setting).
+
+Both concat models, Transformer and Performer alike, have ``model.local_conv = 4``
+(``--concat-local-conv``; 0 gives the paper's architecture exactly): a 4-wide depthwise
+convolution of the values beside attention. Without it, a 2-layer linear-attention model over
+8,192-token chunks cannot single out the nearest residues and learns far less per step than
+exact attention (measured: 10.3% against 11.7% validation accuracy after 600 steps); with it the
+two learn alike per step. The Table 2 runs (crops of 256) keep the paper's architecture: there
+the convolution made no difference (Performer (softmax), unidirectional: test perplexity 17.15
+with it, 17.07 without). ``--modes`` with no mode runs the concat comparison alone.
 
 Writes OUT/table2.md (both tables, the targets' PASS/FAIL lines, the machine), OUT/results.json
 and OUT/curves.png (accuracy and perplexity, train dashed, validation solid, one colour per model;
@@ -72,6 +82,9 @@ MODELS = {
     "softmax": "Performer (softmax)",
 }
 BASELINE = "empirical unigram baseline"
+#: Both concat models (Transformer and Performer alike) get a 4-wide local convolution: at this
+#: size it is what lets linear attention read the nearest residues in 8,192-token chunks.
+LOCAL_CONV = 4
 COLORS = {"exact": "tab:blue", "relu": "tab:orange", "softmax": "tab:green"}
 SETS = {"test": "test", "ood": "OOD"}
 WALL_COLUMN = "time/train_seconds"  # logged by protperf.lit.TrainingClock
@@ -302,6 +315,7 @@ def single_train_argv(args: argparse.Namespace, data: Path, mode: str, kernel: s
             ("model.ff_dim", args.ff_dim),
             ("model.max_length", args.max_length),
             ("model.num_features", args.num_features),
+            ("model.local_conv", args.local_conv),
             ("optim.lr", args.lr),
             ("optim.warmup_steps", args.warmup),
             ("loader.batch_size", args.batch_size),
@@ -317,7 +331,13 @@ def single_train_argv(args: argparse.Namespace, data: Path, mode: str, kernel: s
 
 
 def concat_train_argv(args: argparse.Namespace, data: Path, kernel: str) -> list[str]:
-    """``protperf train --concat`` for one concat run (unidirectional)."""
+    """``protperf train --concat`` for one concat run (unidirectional).
+
+    The Performer trains for ``--concat-performer-steps`` (default twice the Transformer's
+    steps): with a constant learning rate its curve up to any time does not depend on how long
+    it runs, so the comparison at the Transformer's half time is not shaped by the schedule.
+    """
+    performer_steps = args.concat_performer_steps or 2 * args.concat_steps
     argv = ["train", "--config", args.config, "--data", data, "--concat"]
     argv += ["--run_dir", args.out / "runs" / f"concat-{kernel}", "--model.kernel", kernel]
     argv += ["--seed", args.seed]
@@ -329,11 +349,16 @@ def concat_train_argv(args: argparse.Namespace, data: Path, kernel: str) -> list
             ("model.ff_dim", args.concat_ff_dim),
             ("model.max_length", args.concat_length),  # the config's crop length would win
             ("model.num_features", args.num_features),
+            ("model.local_conv", args.concat_local_conv),
             ("optim.lr", args.concat_lr if args.concat_lr is not None else args.lr),
             ("optim.warmup_steps", args.warmup),
+            ("optim.schedule", args.concat_schedule),
             ("loader.batch_size", args.concat_batch_size),
             ("loader.num_workers", args.workers),
-            ("trainer.max_steps", args.concat_steps),
+            ("trainer.max_steps", args.concat_steps if kernel == "exact" else performer_steps),
+            # The block length of causal FAVOR+ (the same function, another speed); exact
+            # attention has none.
+            ("model.chunk_size", None if kernel == "exact" else args.concat_chunk_size),
             ("trainer.val_check_interval", args.concat_val_every),
             ("trainer.limit_val_batches", args.concat_val_batches),
             ("trainer.log_every_n_steps", args.log_every),
@@ -758,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-sequences", type=int, default=None)
     runs = parser.add_argument_group("Table 2 runs (protperf train; unset: the --config's value)")
     runs.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    runs.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    runs.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
     runs.add_argument("--kernels", nargs="+", choices=list(MODELS), default=list(MODELS))
     runs.add_argument("--seed", type=int, default=0)
     for name, kind in (
@@ -768,6 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("log-every", int),
     ):  # fmt: skip
         runs.add_argument(f"--{name}", type=kind, default=None)
+    runs.add_argument("--local-conv", type=int, default=None,
+                      help="model.local_conv of the Table 2 runs (default: the config's, 0)")  # fmt: skip
     runs.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                       help="extra `protperf train` argument, e.g. --train-arg=--optim.schedule=constant")  # fmt: skip
     runs.add_argument("--train-test", action="store_true",
@@ -784,6 +811,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):  # fmt: skip
         concat.add_argument(f"--concat-{name}", type=kind, default=default,
                             help=f"default {default if default is not None else '--lr'}")  # fmt: skip
+    concat.add_argument("--concat-local-conv", type=int, default=LOCAL_CONV,
+                        help=f"model.local_conv of both concat runs (default {LOCAL_CONV}; 0: the "
+                        "paper's architecture)")  # fmt: skip
+    concat.add_argument("--concat-chunk-size", type=int, default=32,
+                        help="the Performer's causal block length (default 32: fastest for its "
+                        "32 generalized features per head)")  # fmt: skip
+    concat.add_argument("--concat-performer-steps", type=int, default=None,
+                        help="the Performer's steps (default: twice --concat-steps)")  # fmt: skip
+    concat.add_argument("--concat-schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning-rate schedule of both concat runs (default constant, the "
+                        "paper's concat setting)")  # fmt: skip
     concat.add_argument("--concat-train-arg", action="append", default=[], metavar="ARG")
     how = parser.add_argument_group("how the CLI runs")
     how.add_argument("--runner", choices=["subprocess", "in-process"], default=None,

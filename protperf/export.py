@@ -9,6 +9,8 @@ Lightning ``.ckpt`` (with ``torch.load(weights_only=True)``).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +33,41 @@ def export_model(
     ``mode`` is "unidirectional" or "bidirectional"; ``metadata`` (JSON-able) goes in config.json.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # save_model drops the tied head's duplicate of the embedding (safetensors forbids aliases).
-    save_safetensors(model, str(out / WEIGHTS), metadata={"format": "pt", "mode": mode})
-    config = {
-        "model": model.config.to_dict(),
-        "mode": mode,
-        "protperf_version": __version__,
-        **(metadata or {}),
-    }
-    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_tokenizer_json(out / TOKENIZER)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside ``out`` and renamed into place: ``out`` never holds a half-written export,
+    # and a previous export stays whole until the new one is complete.
+    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        # save_model drops the tied head's duplicate of the embedding (safetensors forbids aliases).
+        save_safetensors(model, str(staging / WEIGHTS), metadata={"format": "pt", "mode": mode})
+        config = {
+            "model": model.config.to_dict(),
+            "mode": mode,
+            "protperf_version": __version__,
+            **(metadata or {}),
+        }
+        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_tokenizer_json(staging / TOKENIZER)
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Rename the complete folder ``new`` onto ``out``, replacing an earlier ``out`` folder."""
+    if not out.exists():
+        new.rename(out)
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old)
 
 
 def model_from_state_dict(

@@ -63,6 +63,11 @@ class PerformerConfig:
     """LayerNorm epsilon."""
     chunk_size: int = 128
     """Block length of the causal FAVOR+ computation."""
+    local_conv: int = 0
+    """Kernel size of a depthwise convolution over the values whose output is added to the
+    attention's (0 = none): direct access to the nearest residues, which linear attention over
+    thousands of positions blurs. Causal (the last ``local_conv`` positions) for causal models,
+    centred for masked ones; O(L), and a constant-size state when decoding."""
     feature_seed: int = 0
     """Seed of the initial random features (per-layer seeds derive from it)."""
     gradient_checkpointing: bool = False
@@ -82,6 +87,8 @@ class PerformerConfig:
         for name in ("vocab_size", "depth", "ff_dim", "max_length", "num_features", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.local_conv < 0:
+            raise ValueError(f"local_conv must be 0 (none) or a kernel size, got {self.local_conv}")
 
     @property
     def head_dim(self) -> int:
@@ -138,6 +145,52 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+@dataclass
+class LayerState:
+    """What one causal layer remembers while decoding token by token.
+
+    attention: the attention's :class:`~protperf.attention.DecodeState`;
+    recent_values: (B, local_conv - 1, D) the values of the last positions (local convolution
+    only, else None).
+    """
+
+    attention: DecodeState
+    recent_values: Tensor | None = None
+
+
+class LocalConv(nn.Module):
+    """Depthwise convolution of the values over the nearest ``size`` positions.
+
+    Causal: position t sees t-size+1 .. t; otherwise centred. Padded positions are zeroed first,
+    so a sequence's output does not depend on the padding of its batch.
+    """
+
+    def __init__(self, dim: int, size: int, causal: bool) -> None:
+        super().__init__()
+        self.size, self.causal = size, causal
+        self.weight = nn.Parameter(torch.zeros(dim, 1, size))
+        nn.init.normal_(self.weight, std=size**-0.5)
+
+    def forward(self, v: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """v: (B, L, D), padding_mask: (B, L) bool, True = padding -> (B, L, D)."""
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        left = self.size - 1 if self.causal else self.size // 2
+        padded = F.pad(v.transpose(1, 2), (left, self.size - 1 - left))
+        return F.conv1d(padded, self.weight.to(v.dtype), groups=v.shape[-1]).transpose(1, 2)
+
+    def step(self, v: Tensor, recent: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One causal decoding position. v: (B, 1, D); recent: (B, size-1, D) or None (start).
+
+        Returns (B, 1, D) and the new ``recent``.
+        """
+        if recent is None:
+            recent = v.new_zeros(v.shape[0], self.size - 1, v.shape[-1])
+        window = torch.cat([recent, v], dim=1)  # (B, size, D), oldest first
+        out = torch.einsum("bkd,dk->bd", window, self.weight[:, 0].to(v.dtype))[:, None]
+        return out, window[:, 1:]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention: q/k/v projection, rotary, FastAttention, output projection.
 
@@ -159,6 +212,9 @@ class SelfAttention(nn.Module):
             chunk_size=config.chunk_size,
             seed=derive_seed(config.feature_seed, layer),
         )
+        self.local = (
+            LocalConv(config.dim, config.local_conv, config.causal) if config.local_conv else None
+        )
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -176,25 +232,35 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = self.attention(q, k, v, key_padding_mask=padding_mask)  # (B, H, L, d)
         out = out.transpose(1, 2).reshape(batch, length, dim)
+        if self.local is not None:
+            out = out + self.local(v.transpose(1, 2).reshape(batch, length, dim), padding_mask)
         return self.dropout(self.proj(out))
 
     def step(
         self,
         x: Tensor,
-        state: DecodeState | None,
+        state: LayerState | None,
         rope: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, DecodeState]:
+    ) -> tuple[Tensor, LayerState]:
         """One decoding position. x: (B, 1, D); rope: (cos, sin) of that position, each (1, d).
 
-        Returns (B, 1, D) and the updated state (None on the first position).
+        ``state`` is None on the first position. Returns (B, 1, D) and the updated state.
         """
         batch, _, dim = x.shape
         q, k, v = self.qkv(x).view(batch, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out, state = self.attention.step(q, k, v, state)  # (B, H, 1, d)
+        attention_state = None if state is None else state.attention
+        out, attention_state = self.attention.step(q, k, v, attention_state)  # (B, H, 1, d)
         out = out.transpose(1, 2).reshape(batch, 1, dim)
-        return self.dropout(self.proj(out)), state
+        recent = None
+        if self.local is not None:
+            local, recent = self.local.step(
+                v.transpose(1, 2).reshape(batch, 1, dim),
+                None if state is None else state.recent_values,
+            )
+            out = out + local
+        return self.dropout(self.proj(out)), LayerState(attention_state, recent)
 
 
 class MLP(nn.Module):
@@ -230,8 +296,8 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
     def step(
-        self, x: Tensor, state: DecodeState | None, rope: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, DecodeState]:
+        self, x: Tensor, state: LayerState | None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, LayerState]:
         """One decoding position: x (B, 1, D) -> (B, 1, D), new attention state."""
         attended, state = self.attn.step(self.norm1(x), state, rope)
         x = x + attended
@@ -334,8 +400,8 @@ class PerformerLM(nn.Module):
 
     @torch.no_grad()
     def decode_step(
-        self, tokens: Tensor, states: list[DecodeState] | None, position: int
-    ) -> tuple[Tensor, list[DecodeState]]:
+        self, tokens: Tensor, states: list[LayerState] | None, position: int
+    ) -> tuple[Tensor, list[LayerState]]:
         """Incremental decoding of a causal model: feed the token at ``position``, get the next.
 
         Equals ``forward`` on the whole prefix (up to rounding) at a cost that does not grow with
@@ -344,8 +410,8 @@ class PerformerLM(nn.Module):
 
         Args:
             tokens: (B,) ids of the tokens at ``position`` (one per sequence).
-            states: one :class:`~protperf.attention.DecodeState` per layer, as returned by the
-                previous step; None at position 0.
+            states: one :class:`LayerState` per layer, as returned by the previous step; None at
+                position 0.
             position: index of ``tokens`` in their sequences (0 for ``<bos>``), the same for the
                 whole batch.
 
@@ -373,13 +439,20 @@ class PerformerLM(nn.Module):
         return self.head(self.norm(x))[:, 0], new_states
 
     @staticmethod
-    def select_decode_states(states: list[DecodeState], rows: Tensor) -> list[DecodeState]:
+    def select_decode_states(states: list[LayerState], rows: Tensor) -> list[LayerState]:
         """Keep (or reorder) the batch rows ``rows`` ((B',) long indices) of decoding states."""
+
+        def keep(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor[rows]
+
         return [
-            DecodeState(
-                state.context[rows],
-                state.value_sum[rows],
-                None if state.key_max is None else state.key_max[rows],
+            LayerState(
+                DecodeState(
+                    state.attention.context[rows],
+                    state.attention.value_sum[rows],
+                    keep(state.attention.key_max),
+                ),
+                keep(state.recent_values),
             )
             for state in states
         ]

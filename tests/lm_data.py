@@ -1,8 +1,8 @@
-"""Tiny prepared datasets for the training tests, written with h5py in prepare-data's layout.
+"""Tiny prepared datasets for the training tests, in prepare-data's layout.
 
-``<dir>/{train,valid,test,ood}.h5`` with ``tokens``, ``offsets``, ``accessions``, ``concat`` and
-the attributes ``split``, ``num_sequences``, ``num_tokens``, ``concat_length``; plus
-``tokenizer.json`` and ``manifest.json``. Sequences come from a real UniProt proteome.
+``<dir>/{train,valid,test,ood}.h5`` written by :func:`protperf.data.build.write_split` (the
+pipeline's writer), plus ``tokenizer.json`` and ``manifest.json``. Sequences come from a real
+UniProt proteome.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ import gzip
 import json
 from pathlib import Path
 
-import h5py
-import numpy as np
-
 from protperf import tokenizer as tok
+from protperf.data.build import write_split
 
 
 def read_fasta(path: Path, limit: int) -> list[tuple[str, str]]:
@@ -38,37 +36,6 @@ def read_fasta(path: Path, limit: int) -> list[tuple[str, str]]:
     return records
 
 
-def write_split(
-    path: Path, records: list[tuple[str, str]], split: str, concat_length: int, seed: int = 0
-) -> None:
-    """One split file in prepare-data's layout."""
-    encoded = [tok.encode(seq) for _, seq in records]
-    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.concatenate(encoded) if encoded else np.zeros(0, np.uint8)
-    order = np.random.default_rng(seed).permutation(len(encoded))
-    stream = (
-        np.concatenate([np.append(encoded[i], np.uint8(tok.EOS)) for i in order])
-        if encoded
-        else np.zeros(0, np.uint8)
-    )
-    chunks = len(stream) // concat_length
-    concat = stream[: chunks * concat_length].reshape(chunks, concat_length).astype(np.uint8)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("tokens", data=tokens.astype(np.uint8))
-        f.create_dataset("offsets", data=offsets)
-        f.create_dataset(
-            "accessions", data=[a.encode() for a, _ in records], dtype=h5py.string_dtype()
-        )
-        f.create_dataset("concat", data=concat, chunks=(1, concat_length) if chunks else None)
-        f.attrs.update(
-            split=split,
-            num_sequences=len(records),
-            num_tokens=int(lengths.sum()),
-            concat_length=concat_length,
-        )
-
-
 def write_dataset(
     out: Path,
     fasta: Path,
@@ -88,7 +55,14 @@ def write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     start = 0
     for split, count in sizes.items():
-        write_split(out / f"{split}.h5", records[start : start + count], split, concat_length)
+        chunk = records[start : start + count]
+        write_split(
+            out / f"{split}.h5",
+            [sequence for _, sequence in chunk],
+            [accession for accession, _ in chunk],
+            split=split,
+            concat_length=concat_length,
+        )
         start += count
     tok.save_tokenizer_json(out / "tokenizer.json")
     (out / "manifest.json").write_text(json.dumps({"sizes": sizes, "concat_length": concat_length}))

@@ -6,8 +6,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from lm_data import write_dataset, write_split
+from lm_data import write_dataset
 
+from protperf.data.build import write_split
 from protperf.data.datamodule import (
     ConcatDataset,
     EvalBatchSampler,
@@ -191,8 +192,8 @@ def test_splits_and_loaders(dataset_dir, tmp_path):
     assert [next(iter(dl))["split"] for dl in module.test_dataloader()] == ["test", "ood"]
     # An empty ood split is skipped; a missing train split is a clear error.
     (tmp_path / "d").mkdir()
-    write_split(tmp_path / "d" / "train.h5", [("A", "MKV" * 10)] * 8, "train", 16)
-    write_split(tmp_path / "d" / "ood.h5", [], "ood", 16)
+    write_split(tmp_path / "d" / "train.h5", ["MKV" * 10] * 8, split="train", concat_length=16)
+    write_split(tmp_path / "d" / "ood.h5", [], split="ood", concat_length=16)
     small = ProteinDataModule(
         tmp_path / "d", max_length=64, loader=LoaderConfig(batch_size=4, num_workers=0)
     )

@@ -58,9 +58,10 @@ def test_greedy_recurrence_equals_the_full_forward_pass(trained_tiny_runs, rando
     assert max(lengths) > 20  # long enough to mean something
 
 
-def test_decoding_logits_equal_the_forward_logits_and_the_state_stays_constant():
+@pytest.mark.parametrize("local_conv", [0, 3])
+def test_decoding_logits_equal_the_forward_logits_and_the_state_stays_constant(local_conv):
     torch.manual_seed(0)
-    model = PerformerLM(tiny_config(causal=True, chunk_size=16)).eval()
+    model = PerformerLM(tiny_config(causal=True, chunk_size=16, local_conv=local_conv)).eval()
     tokens = torch.randint(FIRST_RESIDUE_ID, 30, (3, 120))
     tokens[:, 0] = BOS
     full = model(tokens)["logits"]
@@ -68,7 +69,9 @@ def test_decoding_logits_equal_the_forward_logits_and_the_state_stays_constant()
     for position in range(tokens.shape[1]):
         logits, states = model.decode_step(tokens[:, position], states, position)
         steps.append(logits)
-        sizes.append(sum(s.context.numel() + s.value_sum.numel() for s in states))
+        sizes.append(
+            sum(s.attention.context.numel() + s.attention.value_sum.numel() for s in states)
+        )
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=0)
     assert len(set(sizes)) == 1  # FAVOR+: O(1) memory per token, whatever the position
     # Dropping finished rows keeps the others' states intact.

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lm_models import tiny_config
 
-from protperf.model import IGNORE_INDEX, PerformerConfig, PerformerLM, derive_seed
+from protperf.model import IGNORE_INDEX, LocalConv, PerformerConfig, PerformerLM, derive_seed
 from protperf.tokenizer import BOS, EOS, PAD
 
 KERNELS = ("softmax", "relu", "exact")
@@ -74,9 +74,10 @@ def test_tied_head_shares_the_embedding():
     assert untied.num_parameters() == model.num_parameters() + 30 * 32
 
 
+@pytest.mark.parametrize("local_conv", [0, 3])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_causal_model_does_not_see_the_future(kernel):
-    model = PerformerLM(tiny(kernel=kernel, causal=True)).eval()
+def test_causal_model_does_not_see_the_future(kernel, local_conv):
+    model = PerformerLM(tiny(kernel=kernel, causal=True, local_conv=local_conv)).eval()
     tokens = random_tokens(2, 24)
     changed = tokens.clone()
     changed[:, 15:] = torch.randint(5, 30, (2, 9))
@@ -97,10 +98,11 @@ def test_bidirectional_model_sees_both_sides(kernel):
     assert not torch.allclose(a[0, :5], b[0, :5])
 
 
+@pytest.mark.parametrize("local_conv", [0, 4])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_padding_does_not_change_real_positions(kernel, causal):
-    model = PerformerLM(tiny(kernel=kernel, causal=causal)).eval()
+def test_padding_does_not_change_real_positions(kernel, causal, local_conv):
+    model = PerformerLM(tiny(kernel=kernel, causal=causal, local_conv=local_conv)).eval()
     short = random_tokens(1, 10, seed=1)
     padded = torch.cat([short, torch.full((1, 6), PAD)], dim=1)
     mask = padded == PAD
@@ -108,6 +110,30 @@ def test_padding_does_not_change_real_positions(kernel, causal):
         alone = model(short)["logits"]
         together = model(padded, padding_mask=mask)["logits"]
     torch.testing.assert_close(together[:, :10], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_conv_mixes_exactly_its_window(causal):
+    """Output position t of the convolution depends on inputs t-3..t (causal) or t-2..t+1."""
+    conv = LocalConv(dim=8, size=4, causal=causal)
+    v = torch.randn(1, 20, 8, requires_grad=True)
+    conv(v)[0, 10].sum().backward()
+    reached = (v.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert reached == ([7, 8, 9, 10] if causal else [8, 9, 10, 11])
+    # Causal decoding one position at a time gives the same outputs.
+    if causal:
+        recent, steps = None, []
+        for t in range(20):
+            out, recent = conv.step(v[:, t : t + 1].detach(), recent)
+            steps.append(out)
+        torch.testing.assert_close(torch.cat(steps, dim=1), conv(v.detach()))
+
+
+def test_local_conv_adds_parameters_only_when_asked():
+    plain, local = PerformerLM(tiny()), PerformerLM(tiny(local_conv=4))
+    assert local.num_parameters() == plain.num_parameters() + 2 * 32 * 4  # depth 2, dim 32
+    with pytest.raises(ValueError, match="local_conv"):
+        tiny(local_conv=-1)
 
 
 def test_rotary_reads_past_max_length_and_learned_positions_do_not():
