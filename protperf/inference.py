@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from protperf.commandline import CommandError
+from protperf.durable import sync_parent, sync_tree
 from protperf.model import PerformerConfig, PerformerLM
 
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
@@ -116,7 +117,9 @@ def atomic_output(out: Path) -> Iterator[Path]:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        sync_tree(tmp)
         os.replace(tmp, out)
+        sync_parent(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

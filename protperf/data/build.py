@@ -44,6 +44,7 @@ from protperf.data.paper import (  # re-exported: the split names and the paper'
     SPLITS,
 )
 from protperf.data.records import RecordBatch
+from protperf.durable import sync_parent, sync_tree
 
 TRAIN, VALID, TEST, OOD = range(4)
 DROPPED = 255
@@ -464,5 +465,7 @@ def write_split(
         writer.abort()
         temporary.unlink(missing_ok=True)
         raise
+    sync_tree(temporary)
     temporary.replace(path)
+    sync_parent(path)
     return path

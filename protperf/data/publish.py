@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from protperf.data.errors import DataError
+from protperf.durable import sync_parent, sync_tree
 
 MANIFEST = "manifest.json"
 
@@ -71,6 +72,7 @@ class StagingDir:
     def publish(self) -> Path:
         """Move the finished folder to ``out`` (replacing a previous output if allowed)."""
         check_output(self.out, overwrite=self.overwrite)
+        sync_tree(self.path)
         if self.out.exists():
             if (self.out / MANIFEST).is_file():
                 old = self.out.with_name(self.out.name + ".old")
@@ -83,6 +85,7 @@ class StagingDir:
                 self.path.rename(self.out)
         else:
             self.path.rename(self.out)
+        sync_parent(self.out)
         self._release()
         return self.out
 

@@ -1,0 +1,35 @@
+"""Durable publishing: flush written bytes to disk before the rename that publishes them.
+
+A rename is atomic, but without ``fsync`` a power cut soon after it can leave the new name
+pointing at a file whose data never reached the disk. Every atomic output in protperf (prepare's
+HDF5 folder, exports, embeddings, generated FASTA) calls :func:`sync_tree` on the finished
+temporary path before renaming it, and :func:`sync_parent` after, so that both the data and the
+new name survive a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str | Path) -> None:
+    """fsync a file, or every file under a folder and the folders themselves."""
+    path = Path(path)
+    if path.is_dir():
+        for child in sorted(path.rglob("*")):
+            _fsync(child)
+    _fsync(path)
+
+
+def sync_parent(path: str | Path) -> None:
+    """fsync the folder holding ``path`` (makes a rename into it durable)."""
+    _fsync(Path(path).resolve().parent)
