@@ -4,12 +4,13 @@ A rename is atomic, but without ``fsync`` a power cut soon after it can leave th
 pointing at a file whose data never reached the disk. Every atomic output in protperf (prepare's
 HDF5 folder, exports, embeddings, generated FASTA) calls :func:`sync_tree` on the finished
 temporary path before renaming it, and :func:`sync_parent` after, so that both the data and the
-new name survive a crash.
+new name survive a crash; :func:`replace_folder` does both for a finished folder.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -33,3 +34,20 @@ def sync_tree(path: str | Path) -> None:
 def sync_parent(path: str | Path) -> None:
     """fsync the folder holding ``path`` (makes a rename into it durable)."""
     _fsync(Path(path).resolve().parent)
+
+
+def replace_folder(new: str | Path, out: str | Path) -> Path:
+    """Publish the finished folder ``new`` as ``out``, durably, replacing an earlier ``out``
+    folder (moved aside, then deleted once ``new`` is in place); returns ``out``."""
+    new, out = Path(new), Path(out)
+    sync_tree(new)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old") if out.exists() else None
+    if old is not None:
+        out.rename(old)
+    new.rename(out)
+    sync_parent(out)
+    if old is not None:
+        shutil.rmtree(old)
+    return out

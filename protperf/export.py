@@ -19,7 +19,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from protperf import __version__
-from protperf.durable import sync_parent, sync_tree
+from protperf.durable import replace_folder
 from protperf.model import PerformerConfig, PerformerLM
 from protperf.tokenizer import save_tokenizer_json
 
@@ -51,27 +51,11 @@ def export_model(
         }
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_tokenizer_json(staging / TOKENIZER)
-        _replace_folder(staging, out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def _replace_folder(new: Path, out: Path) -> None:
-    """Rename the complete folder ``new`` onto ``out``, replacing an earlier ``out`` folder."""
-    sync_tree(new)
-    if not out.exists():
-        new.rename(out)
-        sync_parent(out)
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    out.rename(old)
-    new.rename(out)
-    sync_parent(out)
-    shutil.rmtree(old)
 
 
 def model_from_state_dict(

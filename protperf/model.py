@@ -225,15 +225,14 @@ class SelfAttention(nn.Module):
     ) -> Tensor:
         """x: (B, L, D); padding_mask: (B, L) bool, True = padding; rope: (cos, sin) -> (B, L, D)."""
         batch, length, dim = x.shape
-        q, k, v = (
-            self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )
+        projected = self.qkv(x)  # (B, L, 3D): queries, keys, values
+        q, k, v = projected.view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = self.attention(q, k, v, key_padding_mask=padding_mask)  # (B, H, L, d)
         out = out.transpose(1, 2).reshape(batch, length, dim)
         if self.local is not None:
-            out = out + self.local(v.transpose(1, 2).reshape(batch, length, dim), padding_mask)
+            out = out + self.local(projected[..., 2 * dim :], padding_mask)
         return self.dropout(self.proj(out))
 
     def step(
@@ -247,7 +246,8 @@ class SelfAttention(nn.Module):
         ``state`` is None on the first position. Returns (B, 1, D) and the updated state.
         """
         batch, _, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        projected = self.qkv(x)  # (B, 1, 3D)
+        q, k, v = projected.view(batch, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         attention_state = None if state is None else state.attention
@@ -256,8 +256,7 @@ class SelfAttention(nn.Module):
         recent = None
         if self.local is not None:
             local, recent = self.local.step(
-                v.transpose(1, 2).reshape(batch, 1, dim),
-                None if state is None else state.recent_values,
+                projected[..., 2 * dim :], None if state is None else state.recent_values
             )
             out = out + local
         return self.dropout(self.proj(out)), LayerState(attention_state, recent)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from protperf.data.errors import DataError
-from protperf.durable import sync_parent, sync_tree
+from protperf.durable import replace_folder
 
 MANIFEST = "manifest.json"
 
@@ -71,21 +71,8 @@ class StagingDir:
 
     def publish(self) -> Path:
         """Move the finished folder to ``out`` (replacing a previous output if allowed)."""
-        check_output(self.out, overwrite=self.overwrite)
-        sync_tree(self.path)
-        if self.out.exists():
-            if (self.out / MANIFEST).is_file():
-                old = self.out.with_name(self.out.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                self.out.rename(old)
-                self.path.rename(self.out)
-                shutil.rmtree(old)
-            else:
-                self.out.rmdir()  # empty, checked above
-                self.path.rename(self.out)
-        else:
-            self.path.rename(self.out)
-        sync_parent(self.out)
+        check_output(self.out, overwrite=self.overwrite)  # absent, empty, or a replaceable output
+        replace_folder(self.path, self.out)
         self._release()
         return self.out
 
