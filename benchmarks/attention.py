@@ -2,8 +2,9 @@
 
 Every configuration runs in its own process (so that peak memory is that configuration's alone),
 all in the same invocation, on the same inputs: batch 1, 8 heads, head dim 64, m = 256 random
-features, float32 by default. Time is the median of several forward+backward passes after a
-warm-up pass; memory is the process's peak resident set size (and, on CUDA, the peak allocated).
+features, float32 by default. Time is the median of several forward+backward passes after up to
+three warm-up passes (fewer when they are slow: the first passes at long lengths fault in fresh
+memory); memory is the process's peak resident set size (and, on CUDA, the peak allocated).
 
     python benchmarks/attention.py                       # the README table (CPU)
     python benchmarks/attention.py --lengths 1024 8192   # a quick look
@@ -97,6 +98,11 @@ def run_worker(args: argparse.Namespace) -> dict:
     step()
     synchronize()
     first = time.perf_counter() - start
+    # More warm-up passes while they are cheap: the first passes at long lengths fault in fresh
+    # memory (heap growth, huge pages) and run up to twice as slow as the steady state.
+    for _ in range(min(args.warmup, int(args.budget_s / max(first, 1e-3))) - 1):
+        step()
+        synchronize()
     repeats = max(1, min(args.repeats, int(args.budget_s / max(first, 1e-3))))
     times = []
     for _ in range(repeats):
@@ -122,6 +128,7 @@ def measure(config: dict, args: argparse.Namespace) -> dict:
         "--implementation", config["implementation"], "--direction", config["direction"],
         "--length", str(config["length"]), "--device", args.device, "--dtype", args.dtype,
         "--repeats", str(args.repeats), "--budget-s", str(args.budget_s),
+        "--warmup", str(args.warmup),
         "--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
         "--num-features", str(args.num_features),
     ]  # fmt: skip
@@ -248,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-features", type=int, default=256)
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed passes per configuration (at most)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed passes first (fewer if over --budget-s)"
     )
     parser.add_argument(
         "--budget-s", type=float, default=20.0, help="time budget of the timed passes"

@@ -167,38 +167,49 @@ def _output_gradient(grad: Tensor, normalised: Tensor, denominator: Tensor) -> T
     return torch.cat([grad_num, grad_den], dim=-1)
 
 
-#: On a CPU, glibc serves blocks above 32 MB with a fresh mmap (page-faulted anew on every use)
-#: whatever the settings; rows go in blocks whose L x m tensors stay under that, so that the
-#: allocator recycles them (see protperf.runtime).
-BLOCK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
+#: On a CPU, glibc serves a block of 32 MB or more with a fresh mmap (page-faulted anew on every
+#: use) whatever the settings; rows go in blocks whose L x m tensors stay strictly under that, so
+#: that the allocator recycles them (see protperf.runtime). A row larger than the budget is a
+#: block of its own.
+BLOCK_BYTES = {"cpu": 31 << 20, "cuda": 1 << 30}
 #: Budget for the features of all rows of one call (two L x m tensors per row): within it they
 #: are kept for the backward; beyond it the backward recomputes them block by block.
-KEEP_FEATURES_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+KEEP_FEATURES_BYTES = {"cpu": 512 << 20, "cuda": 2 << 30}
 
 
 def _row_blocks(
     rows: int, length: int, num_features: int, device: torch.device
 ) -> tuple[list[slice], bool]:
-    """Blocks of rows processed together, and whether their features are kept for the backward."""
+    """Blocks of rows processed together, and whether their features are kept for the backward.
+
+    As few blocks as the budget allows, of balanced sizes: 8 rows of 4 MB under a 31 MB budget
+    make two blocks of 4 rows, not 7 + 1.
+    """
     per_row = 4 * length * num_features  # one L x m float32 tensor
-    size = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"]) // per_row)
+    most = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"]) // per_row)
+    count = -(-rows // most)
+    size = -(-rows // count)
     keep = 2 * rows * per_row <= KEEP_FEATURES_BYTES.get(device.type, KEEP_FEATURES_BYTES["cpu"])
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)], keep
 
 
-def _key_scales(log_scale: Tensor | None) -> Tensor | None:
-    """exp(g - M), M the row's max over valid keys: (R, L, 1), 0 at padding (None: no scales)."""
-    if log_scale is None:
-        return None
-    reference = log_scale.amax(dim=-2, keepdim=True).clamp_min(torch.finfo(log_scale.dtype).min)
-    return torch.exp(log_scale - reference)
+def _segments(length: int, rows: int, num_features: int, device: torch.device) -> list[slice]:
+    """Position segments of a block of rows: one, unless one row's L x m features exceed the
+    block budget (L = 32,768 at m = 256), then as few balanced segments as keep them under it."""
+    most = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"]) // (4 * rows * num_features))
+    count = -(-length // most)
+    size = -(-length // count)
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
 class BidirectionalFavor(torch.autograd.Function):
     """out = D^-1 Q''(K''^T V~): q, k, v (N, L, d) -> (N, L, d).
 
     ``apply(q, k, v, w, valid, feature_map)``: w (d, m) or None, valid (N, L, 1) bool or None.
-    The key scales exp(g - M) multiply the values (N x L x (d+1)), not the features.
+    The key scales exp(g - M) multiply the values (N x L x (d+1)), not the features. Rows go in
+    blocks and, when a single row's features exceed the block budget, in position segments: the
+    context C is then summed over segments with M raised as it grows (C rescaled by
+    exp(M_old - M_new) <= 1), so that it ends at the row's M as in one piece.
     """
 
     @staticmethod
@@ -207,28 +218,49 @@ class BidirectionalFavor(torch.autograd.Function):
         rows, length = q.shape[:2]
         values = _values_with_ones(v)
         num_features = w.shape[1] if w is not None else q.shape[-1]
-        context = values.new_empty(rows, num_features, values.shape[-1])
+        context = values.new_zeros(rows, num_features, values.shape[-1])
         out = torch.empty_like(values)
         blocks, keep = _row_blocks(rows, length, num_features, q.device)
-        kept = []
+        keep = keep and any(ctx.needs_input_grad[:3])  # inference keeps nothing
+        kept, log_scales, references = [], [], []
+        floor = torch.finfo(q.dtype).min
         for block in blocks:
-            eq = feature_map.queries(q[block], w)
-            ek, log_scale = feature_map.keys(k[block], w, None if valid is None else valid[block])
-            scale = _key_scales(log_scale)
-            block_values = values[block]
-            scaled_values = block_values if scale is None else block_values * scale
-            valid_values = block_values if valid is None else block_values * valid[block]
-            # C = K''^T V~ = Ê_k^T (scale V~) + eps * sum_l valid_l V~_l      (R, m, d+1)
-            torch.matmul(ek.transpose(-2, -1), scaled_values, out=context[block])
-            context[block].add_(valid_values.sum(dim=-2, keepdim=True), alpha=eps)
-            # out = Q'' C = E_q C + eps * sum_j C_j
-            torch.matmul(eq, context[block], out=out[block])
-            out[block].add_(context[block].sum(dim=-2, keepdim=True), alpha=eps)
-            if keep:
-                kept.append((eq, ek, scale))
+            segments = _segments(length, block.stop - block.start, num_features, q.device)
+            block_context = context[block]
+            reference, block_log_scales = None, []
+            for segment in segments:
+                seg_valid = None if valid is None else valid[block, segment]
+                ek, log_scale = feature_map.keys(k[block, segment], w, seg_valid)
+                seg_values = values[block, segment]
+                if log_scale is not None:  # raise M to this segment's max, rescale C to it
+                    top = log_scale.amax(dim=-2, keepdim=True).clamp_min(floor)
+                    if reference is not None:
+                        top = torch.maximum(reference, top)
+                        block_context.mul_(torch.exp(reference - top))
+                    reference = top
+                    seg_values = seg_values * torch.exp(log_scale - reference)
+                # C += Ê_k^T (scale V~)                                            (R, m, d+1)
+                block_context.baddbmm_(ek.transpose(-2, -1), seg_values)
+                block_log_scales.append(log_scale)
+                if keep:
+                    kept.append(ek)
+            # C = K''^T V~ = Ê_k^T (scale V~) + eps * sum_l valid_l V~_l
+            valid_values = values[block] if valid is None else values[block] * valid[block]
+            block_context.add_(valid_values.sum(dim=-2, keepdim=True), alpha=eps)
+            context_total = block_context.sum(dim=-2, keepdim=True)
+            for segment in segments:
+                # out = Q'' C = E_q C + eps * sum_j C_j
+                eq = feature_map.queries(q[block, segment], w)
+                torch.matmul(eq, block_context, out=out[block, segment])
+                out[block, segment].add_(context_total, alpha=eps)
+                if keep:
+                    kept.append(eq)
+            log_scales.append(block_log_scales)
+            references.append(reference)
         normalised, denominator = _normalise(out)
         ctx.save_for_backward(q, k, w, values, context, normalised, denominator, valid)
         ctx.feature_map, ctx.kept = feature_map, (kept if keep else None)
+        ctx.log_scales, ctx.references = log_scales, references  # small: (R, L, 1), (R, 1, 1)
         return normalised
 
     @staticmethod
@@ -237,35 +269,52 @@ class BidirectionalFavor(torch.autograd.Function):
         feature_map = ctx.feature_map
         eps = feature_map.eps
         rows, length = q.shape[:2]
+        num_features = context.shape[1]
         grad_out = _output_gradient(grad, normalised, denominator)  # (N, L, d+1)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad)
-        blocks, _ = _row_blocks(rows, length, context.shape[1], q.device)
+        blocks, _ = _row_blocks(rows, length, num_features, q.device)
+        kept = iter(ctx.kept) if ctx.kept is not None else None
         for index, block in enumerate(blocks):
-            valid_block = None if valid is None else valid[block]
-            if ctx.kept is not None:
-                eq, ek, scale = ctx.kept[index]
-            else:
-                eq = feature_map.queries(q[block], w)
-                ek, log_scale = feature_map.keys(k[block], w, valid_block)
-                scale = _key_scales(log_scale)
-            block_grad, block_values, block_context = grad_out[block], values[block], context[block]
-            # dC = Q''^T dOut
-            grad_context = torch.matmul(eq.transpose(-2, -1), block_grad)
-            grad_context.add_(block_grad.sum(dim=-2, keepdim=True), alpha=eps)
-            grad_eq = torch.matmul(block_grad, block_context.transpose(-2, -1))
-            grad_q[block] = feature_map.query_grad(grad_eq, eq, q[block], w)
-            # Keys: dÊ_k = (scale V~) dC^T;  H = Ê_k dC gives dV~ and d(scale).
-            scaled_values = block_values if scale is None else block_values * scale
-            grad_ek = torch.matmul(scaled_values, grad_context.transpose(-2, -1))
-            through_keys = torch.matmul(ek, grad_context)  # (R, L, d+1)
-            grad_log_scale = None
-            if scale is not None:
-                grad_log_scale = (through_keys * block_values).sum(dim=-1, keepdim=True).mul_(scale)
-                through_keys.mul_(scale)
-            grad_k[block] = feature_map.key_grad(grad_ek, ek, k[block], w, grad_log_scale)
+            segments = _segments(length, block.stop - block.start, num_features, q.device)
+            features = [next(kept) for _ in range(2 * len(segments))] if kept else None
+            reference, block_context = ctx.references[index], context[block]
+            # dC = Q''^T dOut, summed over the segments
+            grad_context = torch.zeros_like(block_context)
+            for position, segment in enumerate(segments):
+                eq = (
+                    features[len(segments) + position]
+                    if features
+                    else feature_map.queries(q[block, segment], w)
+                )
+                grad_context.baddbmm_(eq.transpose(-2, -1), grad_out[block, segment])
+            grad_context.add_(grad_out[block].sum(dim=-2, keepdim=True), alpha=eps)
             eps_term = grad_context.sum(dim=-2, keepdim=True) * eps
-            through_keys.add_(eps_term if valid_block is None else eps_term * valid_block)
-            grad_v[block] = through_keys[..., :-1]
+            for position, segment in enumerate(segments):
+                seg_valid = None if valid is None else valid[block, segment]
+                log_scale = ctx.log_scales[index][position]
+                if features:
+                    ek, eq = features[position], features[len(segments) + position]
+                else:
+                    ek, _ = feature_map.keys(k[block, segment], w, seg_valid)
+                    eq = feature_map.queries(q[block, segment], w)
+                seg_grad, seg_values = grad_out[block, segment], values[block, segment]
+                grad_eq = torch.matmul(seg_grad, block_context.transpose(-2, -1))
+                grad_q[block, segment] = feature_map.query_grad(grad_eq, eq, q[block, segment], w)
+                # Keys: dÊ_k = (scale V~) dC^T;  H = Ê_k dC gives dV~ and d(scale).
+                scale = None if log_scale is None else torch.exp(log_scale - reference)
+                scaled_values = seg_values if scale is None else seg_values * scale
+                grad_ek = torch.matmul(scaled_values, grad_context.transpose(-2, -1))
+                through_keys = torch.matmul(ek, grad_context)  # (R, S, d+1)
+                grad_log_scale = None
+                if scale is not None:
+                    grad_log_scale = (through_keys * seg_values).sum(dim=-1, keepdim=True)
+                    grad_log_scale.mul_(scale)
+                    through_keys.mul_(scale)
+                grad_k[block, segment] = feature_map.key_grad(
+                    grad_ek, ek, k[block, segment], w, grad_log_scale
+                )
+                through_keys.add_(eps_term if seg_valid is None else eps_term * seg_valid)
+                grad_v[block, segment] = through_keys[..., :-1]
         return grad_q, grad_k, grad_v, None, None, None
 
 
@@ -307,8 +356,13 @@ def _chunked_features(
     w: Tensor | None,
     valid: Tensor | None,
     chunk: int,
+    initial_max: Tensor | None = None,
 ) -> _ChunkedFeatures:
-    """Features and causal scales of a block of rows: q, k (R, L, d), valid (R, L, 1) or None."""
+    """Features and causal scales of a block of rows: q, k (R, L, d), valid (R, L, 1) or None.
+
+    ``initial_max`` (R,): the running max of g before these positions (a later segment of the
+    rows: the previous segment's last chunk_max); None at the start of the rows.
+    """
     rows, length = q.shape[:2]
     n = length // chunk
     eq = feature_map.queries(q, w).view(rows, n, chunk, -1)
@@ -321,9 +375,14 @@ def _chunked_features(
         return _ChunkedFeatures(eq, ek, None, valid_c, None, None, None, None, decay)
     floor = torch.finfo(q.dtype).min / 4  # "no valid key yet": finite, so floor - floor = 0
     g = log_scale.view(rows, length)
-    running_max = torch.cummax(g.clamp_min(floor), dim=-1).values.view(rows, n, chunk)
+    running_max = torch.cummax(g.clamp_min(floor), dim=-1).values
+    if initial_max is None:
+        initial_max = g.new_full((rows,), floor)
+    else:
+        running_max = torch.maximum(running_max, initial_max.unsqueeze(-1))
+    running_max = running_max.view(rows, n, chunk)
     chunk_max = running_max[..., -1]  # (R, n)
-    previous_max = torch.cat([chunk_max.new_full((rows, 1), floor), chunk_max[:, :-1]], dim=1)
+    previous_max = torch.cat([initial_max.unsqueeze(-1), chunk_max[:, :-1]], dim=1)
     g = g.view(rows, n, chunk)
     exponent = g.unsqueeze(-2) - running_max.unsqueeze(-1)  # (R, n, C_i, C_j): g_j - M_i
     decay = exponent.masked_fill_(~lower, -math.inf).exp_()
@@ -435,7 +494,10 @@ class CausalFavor(torch.autograd.Function):
     caller pads, marking the extra keys invalid). Within a chunk the masked C x C scores are
     formed; across chunks a carried state (m x (d+1) per chunk) holds the past. Kept for the
     backward: the L/C states, the L x C scores and, within KEEP_FEATURES_BYTES, the L x m
-    features (else recomputed block by block). No L x m x d tensor is ever formed.
+    features (else recomputed block by block). No L x m x d tensor is ever formed. A row whose
+    features exceed the block budget goes in segments of whole chunks, the state (and the
+    running max of the key scales) carried from one segment to the next, and back in the
+    backward.
     """
 
     @staticmethod
@@ -447,23 +509,40 @@ class CausalFavor(torch.autograd.Function):
         scores = values.new_empty(rows, n, chunk, chunk)
         out = torch.empty_like(values)
         blocks, keep = _row_blocks(rows, length, num_features, q.device)
-        kept, states = [], []
+        keep = keep and any(ctx.needs_input_grad[:3])  # inference keeps nothing
+        kept, states, starts = [], [], []
         for block in blocks:
-            features = _chunked_features(
-                feature_map, q[block], k[block], w, None if valid is None else valid[block], chunk
-            )
-            shape = (-1, n, chunk, values.shape[-1])
-            block_states = _causal_forward_block(
-                features, values[block].view(shape), feature_map.eps, scores[block],
-                out[block].view(shape),
-            )  # fmt: skip
+            # Several segments only for a block of one row (a block of several fits the budget),
+            # so that the views below of one row's chunks stay contiguous.
+            segments = _segments(n, block.stop - block.start, num_features * chunk, q.device)
+            carry, initial_max, block_states, block_starts = None, None, [], []
+            for segment in segments:
+                positions = slice(segment.start * chunk, segment.stop * chunk)
+                features = _chunked_features(
+                    feature_map, q[block, positions], k[block, positions], w,
+                    None if valid is None else valid[block, positions], chunk, initial_max,
+                )  # fmt: skip
+                shape = (-1, segment.stop - segment.start, chunk, values.shape[-1])
+                values_before = None if carry is None else carry[1]
+                segment_states, carry = _causal_forward_block(
+                    features, values[block, positions].view(shape), feature_map.eps,
+                    scores[block, segment], out[block, positions].view(shape), carry,
+                )  # fmt: skip
+                block_states.append((segment_states, values_before))
+                block_starts.append(initial_max)
+                if features.chunk_max is not None:
+                    initial_max = features.chunk_max[:, -1]
+                if keep:
+                    kept.append(features)
             states.append(block_states)
-            if keep:
-                kept.append(features)
+            starts.append(block_starts)
         normalised, denominator = _normalise(out)
         ctx.save_for_backward(q, k, w, values, scores, normalised, denominator, valid)
         ctx.feature_map, ctx.chunk, ctx.kept = feature_map, chunk, (kept if keep else None)
-        ctx.states = states  # per block (R, n, m, d+1); internal, so not save_for_backward
+        # Per block and segment: states (R, n_s, m, d+1) and the sum of valid values before it
+        # (R, 1, d+1) or None; the running max entering it (R,) or None.
+        # Internal, so not save_for_backward.
+        ctx.states, ctx.starts = states, starts
         return normalised
 
     @staticmethod
@@ -476,45 +555,78 @@ class CausalFavor(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad)
         num_features = w.shape[1] if w is not None else q.shape[-1]
         blocks, _ = _row_blocks(rows, length, num_features, q.device)
+        kept = iter(ctx.kept) if ctx.kept is not None else None
         for index, block in enumerate(blocks):
-            if ctx.kept is not None:
-                features = ctx.kept[index]
-            else:
-                valid_block = None if valid is None else valid[block]
-                features = _chunked_features(feature_map, q[block], k[block], w, valid_block, chunk)
-            shape = (-1, n, chunk, values.shape[-1])
-            grad_eq, grad_ek, grad_log_scale, grad_values = _causal_backward_block(
-                features, values[block].view(shape), grad_out[block].view(shape), ctx.states[index],
-                scores[block], feature_map.eps,
-            )  # fmt: skip
-            flat = (-1, length, grad_eq.shape[-1])
-            grad_q[block] = feature_map.query_grad(
-                grad_eq.view(flat), features.eq.view(flat), q[block], w
-            )
-            grad_k[block] = feature_map.key_grad(
-                grad_ek.view(flat), features.ek.view(flat), k[block], w,
-                None if grad_log_scale is None else grad_log_scale.view(-1, length, 1),
-            )  # fmt: skip
-            grad_v[block] = grad_values.view(-1, length, values.shape[-1])[..., :-1]
+            segments = _segments(n, block.stop - block.start, num_features * chunk, q.device)
+            block_kept = [next(kept) for _ in segments] if kept is not None else None
+            carry = None
+            for position in reversed(range(len(segments))):  # the later segments' gradient first
+                segment = segments[position]
+                positions = slice(segment.start * chunk, segment.stop * chunk)
+                if block_kept is not None:
+                    features = block_kept[position]
+                else:
+                    features = _chunked_features(
+                        feature_map, q[block, positions], k[block, positions], w,
+                        None if valid is None else valid[block, positions], chunk,
+                        ctx.starts[index][position],
+                    )  # fmt: skip
+                shape = (-1, segment.stop - segment.start, chunk, values.shape[-1])
+                segment_states, values_before = ctx.states[index][position]
+                grad_eq, grad_ek, grad_log_scale, grad_values, carry = _causal_backward_block(
+                    features, values[block, positions].view(shape),
+                    grad_out[block, positions].view(shape), segment_states,
+                    scores[block, segment], feature_map.eps, carry, values_before,
+                )  # fmt: skip
+                flat = (-1, positions.stop - positions.start, grad_eq.shape[-1])
+                grad_q[block, positions] = feature_map.query_grad(
+                    grad_eq.view(flat), features.eq.view(flat), q[block, positions], w
+                )
+                grad_k[block, positions] = feature_map.key_grad(
+                    grad_ek.view(flat), features.ek.view(flat), k[block, positions], w,
+                    None if grad_log_scale is None else grad_log_scale.view(*flat[:2], 1),
+                )  # fmt: skip
+                grad_v[block, positions] = grad_values.view(*flat[:2], values.shape[-1])[..., :-1]
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
 def _causal_forward_block(
-    f: _ChunkedFeatures, values: Tensor, eps: float, scores: Tensor, out: Tensor
-) -> Tensor:
-    """Forward of :class:`CausalFavor` for one block, writing into its outputs.
+    f: _ChunkedFeatures,
+    values: Tensor,
+    eps: float,
+    scores: Tensor,
+    out: Tensor,
+    carry: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Forward of :class:`CausalFavor` for one block (or segment), writing into its outputs.
 
     values (R, n, C, d+1). Returns ``states`` (R, n, m, d+1): the state entering each chunk,
     S_c = sum_{j before chunk c} Ê_j^T exp(g_j - M_prev) V~_j; ``scores`` (R, n, C, C):
     X = E_q Ê_k^T + eps rowsum(Ê_k) (before the decay); ``out`` (R, n, C, d+1): numerator and
-    normaliser.
+    normaliser. ``carry`` in and out: the state after the positions so far (R, m, d+1), at the
+    scale of their last chunk_max, and the sum of their valid values (R, 1, d+1).
     """
     num_features = f.eq.shape[-1]
     scaled_values = values if f.key_scale is None else values * f.key_scale
     increments = _bmm(f.ek.transpose(-2, -1), scaled_values)  # (R, n, m, d+1)
     states = _scan_states(increments, f.chunk_max, f.previous_max)
     valid_values = values if f.valid is None else values * f.valid
-    past_values = _exclusive_sum(valid_values.sum(dim=-2, keepdim=True))  # (R, n, 1, d+1)
+    value_sums = valid_values.sum(dim=-2, keepdim=True)  # (R, n, 1, d+1)
+    past_values = _exclusive_sum(value_sums)
+    if carry is not None:  # the earlier segments: their state, rescaled to each chunk's entry
+        carried_state, carried_values = carry
+        if f.previous_max is None:
+            states.add_(carried_state.unsqueeze(1))
+        else:
+            factor = torch.exp(f.previous_max[:, :1] - f.previous_max)[..., None, None]
+            states.addcmul_(factor, carried_state.unsqueeze(1))
+        past_values.add_(carried_values.unsqueeze(1))
+    last_state = states[:, -1]
+    if f.chunk_max is not None:
+        last_state = (
+            last_state * torch.exp(f.previous_max[:, -1] - f.chunk_max[:, -1])[:, None, None]
+        )
+    carry = (last_state + increments[:, -1], past_values[:, -1] + value_sums[:, -1])
     # Intra-chunk scores: decay * (E_q Ê^T + eps rowsum Ê) + eps (rowsum E_q + m eps) valid.
     _bmm(f.eq, f.ek.transpose(-2, -1), out=scores)
     scores.add_(f.ek.sum(dim=-1).unsqueeze(-2), alpha=eps)
@@ -526,7 +638,7 @@ def _causal_forward_block(
         out.mul_(f.query_scale)
     out.addcmul_(query_total, past_values, value=eps)
     _bmm_add_(out, attention, values)
-    return states
+    return states, carry
 
 
 def _causal_backward_block(
@@ -536,11 +648,17 @@ def _causal_backward_block(
     states: Tensor,
     scores: Tensor,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Backward of :class:`CausalFavor` for one block.
+    carry: tuple[Tensor, Tensor] | None = None,
+    values_before: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, tuple[Tensor, Tensor]]:
+    """Backward of :class:`CausalFavor` for one block (or segment, the later ones first).
 
     values, grad_out (R, n, C, d+1); states (R, n, m, d+1); scores (R, n, C, C) as the forward
-    wrote them. Returns dE_q, dÊ_k (R, n, C, m), dg (R, n, C) or None, and dV~ (R, n, C, d+1).
+    wrote them. Returns dE_q, dÊ_k (R, n, C, m), dg (R, n, C) or None, dV~ (R, n, C, d+1) and the
+    carry for the segment before: the gradient of the state entering this one (R, m, d+1), at
+    the scale of its previous_max, and of the sum of the valid values before it (R, 1, d+1);
+    ``carry`` in: the same from the segment after; ``values_before`` (R, 1, d+1): the sum of
+    the valid values of the segments before (None: none).
     """
     num_features = f.eq.shape[-1]
     query_total = f.eq.sum(dim=-1, keepdim=True).add_(num_features * eps)
@@ -562,10 +680,27 @@ def _causal_backward_block(
     to_states.add_(scaled_grad.sum(dim=-2, keepdim=True), alpha=eps)
     valid_values = values if f.valid is None else values * f.valid
     past_values = _exclusive_sum(valid_values.sum(dim=-2, keepdim=True))
+    if values_before is not None:
+        past_values.add_(values_before.unsqueeze(1))
     grad_query_total.add_((grad_out * past_values).sum(dim=-1, keepdim=True), alpha=eps)
     to_past_values = (grad_out * query_total).sum(dim=-2, keepdim=True).mul_(eps)  # (R, n, 1, d+1)
     # Later chunks, for the keys: the gradient of the state after each chunk.
     later = _scan_states(to_states, f.chunk_max, f.previous_max, reverse=True)
+    later_values = _exclusive_sum(to_past_values, reverse=True)
+    if carry is not None:  # the later segments, rescaled from this one's last chunk_max
+        carried_later, carried_values = carry
+        if f.chunk_max is None:
+            later.add_(carried_later.unsqueeze(1))
+        else:
+            factor = torch.exp(f.chunk_max - f.chunk_max[:, -1:])[..., None, None]
+            later.addcmul_(factor, carried_later.unsqueeze(1))
+        later_values.add_(carried_values.unsqueeze(1))
+    first_later = later[:, 0]
+    if f.chunk_max is not None:
+        first_later = (
+            first_later * torch.exp(f.previous_max[:, 0] - f.chunk_max[:, 0])[:, None, None]
+        )
+    carry = (first_later + to_states[:, 0], later_values[:, 0] + to_past_values[:, 0])
     through_keys = _bmm(f.ek, later)  # (R, n, C, d+1)
     if f.key_scale is not None:
         grad_log_scale.add_((through_keys * values).sum(dim=-1).mul_(f.key_scale.squeeze(-1)))
@@ -575,7 +710,6 @@ def _causal_backward_block(
         scaled_values = values
     grad_values.add_(through_keys)
     _bmm_add_(grad_ek, scaled_values, later.transpose(-2, -1))
-    later_values = _exclusive_sum(to_past_values, reverse=True)
     grad_values.add_(later_values if f.valid is None else later_values * f.valid)
     grad_eq.add_(grad_query_total)
-    return grad_eq, grad_ek, grad_log_scale, grad_values
+    return grad_eq, grad_ek, grad_log_scale, grad_values, carry

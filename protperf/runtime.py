@@ -4,9 +4,11 @@ PyTorch's CPU allocator asks glibc for every tensor. By default glibc returns fr
 system quickly, so the next tensor of the same size is page-faulted in again, which for FAVOR+
 (several L x m tensors per layer and step) costs as much as the arithmetic. Two settings:
 
-* ``"default"``: keep freed blocks of up to 32 MB in the process (no trimming; glibc's largest
-  heap block) and back large tensors with transparent huge pages. The FAVOR+ kernels keep
-  their temporaries under 32 MB (protperf.favor.BLOCK_BYTES), so they are recycled, not faulted.
+* ``"default"``: keep freed blocks under 32 MB in the process (no trimming; glibc's largest
+  heap block: a block of 32 MB or more is still a fresh mmap, faulted in on every use) and back
+  large tensors with transparent huge pages. The FAVOR+ kernels keep their temporaries under
+  32 MB (protperf.favor.BLOCK_BYTES: blocks of rows, and position segments of a longer row), so
+  they are recycled, not faulted.
 * ``"aggressive"``: never mmap at all, so every freed block is reused. Faster still for large
   models (whose activations exceed 32 MB), at the price of a higher peak RSS from fragmentation
   (measured in the README's training benchmark).

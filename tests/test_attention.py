@@ -353,24 +353,59 @@ def test_causal_output_does_not_depend_on_future_values(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_bidirectional_position_segments_equal_one_piece(monkeypatch, kernel):
+    """A row too large for the block budget is summed in position segments, its stabiliser M
+    raised segment by segment (keys grow along the sequence here, so it is): the output and
+    gradients equal the one-piece computation, with kept and with recomputed features."""
+    import protperf.favor as favor
+
+    attn = FastAttention(head_dim=8, num_features=16, kernel=kernel, causal=False).double()
+    q, k, v = random_qkv(2, 3, 23, 8, seed=13)
+    k = k * torch.linspace(0.2, 3.0, 23, dtype=torch.float64).view(1, 1, 23, 1)
+    mask = torch.zeros(2, 23, dtype=torch.bool)
+    mask[0, 17:] = True
+    segment_bytes = 4 * 16 * 5  # one row of 5 positions of 16 features
+    results = []
+    for block_budget, keep_budget in (
+        (1 << 30, 1 << 30),
+        (segment_bytes, 1 << 30),
+        (segment_bytes, 0),
+    ):
+        monkeypatch.setitem(favor.BLOCK_BYTES, "cpu", block_budget)
+        monkeypatch.setitem(favor.KEEP_FEATURES_BYTES, "cpu", keep_budget)
+        assert len(favor._segments(23, 1, 16, q.device)) == (1 if block_budget > 1e6 else 5)
+        out = attn(q, k, v, key_padding_mask=mask)
+        results.append((out, *torch.autograd.grad(out.pow(2).sum(), (q, k, v))))
+    for one_piece, *segmented in zip(*results, strict=True):
+        for other in segmented:
+            assert torch.allclose(one_piece, other, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
 def test_recomputed_features_give_the_same_gradients(monkeypatch, kernel):
-    """Beyond the memory budget, rows go in blocks and the backward recomputes their features."""
+    """Beyond the memory budget, rows go in blocks and the backward recomputes their features;
+    a row beyond the block budget goes in segments of whole chunks, the state and the running
+    max of the key scales carried across them (keys grow along the sequence, so it rises)."""
     import protperf.favor as favor
 
     attn = FastAttention(
         head_dim=8, num_features=16, kernel=kernel, causal=True, chunk_size=4
     ).double()
     q, k, v = random_qkv(2, 3, 23, 8, seed=12)
+    k = k * torch.linspace(0.2, 3.0, 23, dtype=torch.float64).view(1, 1, 23, 1)
     mask = torch.zeros(2, 23, dtype=torch.bool)
     mask[0, 17:] = True
+    two_chunks = 4 * 16 * 4 * 2  # one row, two chunks of 4 positions, 16 features
     results = []
-    for budget in (1 << 30, 0):  # one block with kept features; then one row per block
-        monkeypatch.setitem(favor.KEEP_FEATURES_BYTES, "cpu", budget)
-        monkeypatch.setitem(favor.BLOCK_BYTES, "cpu", budget)
+    # One block with kept features; segments of two chunks, kept; one row and chunk at a time.
+    for block_budget, keep_budget in ((1 << 30, 1 << 30), (two_chunks, 1 << 30), (0, 0)):
+        monkeypatch.setitem(favor.KEEP_FEATURES_BYTES, "cpu", keep_budget)
+        monkeypatch.setitem(favor.BLOCK_BYTES, "cpu", block_budget)
         out = attn(q, k, v, key_padding_mask=mask)
         results.append((out, *torch.autograd.grad(out.pow(2).sum(), (q, k, v))))
-    for kept, recomputed in zip(*results, strict=True):
-        assert torch.allclose(kept, recomputed, atol=1e-12, rtol=0)
+    for one_piece, *pieces in zip(*results, strict=True):
+        for other in pieces:
+            assert torch.allclose(one_piece, other, atol=1e-12, rtol=0)
 
 
 def test_builds_on_the_meta_device():
