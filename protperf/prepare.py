@@ -25,6 +25,7 @@ from protperf.data.publish import MANIFEST, StagingDir, check_output
 from protperf.data.sources import Source, open_source
 from protperf.data.stream import is_url
 from protperf.data.uniprot import resolve_release
+from protperf.durable import recover_folder
 
 # numpy, h5py and tokenizers (protperf.data.build / records, protperf.tokenizer) are imported
 # once the download is running: their import time then overlaps with it.
@@ -114,6 +115,7 @@ def prepare_data(
                 }
             ]
         out = Path(out) if out is not None else Path("data") / label
+        recover_folder(out)  # an earlier output a killed --overwrite run had moved aside
         check_output(out, overwrite=overwrite)
         held_out_accessions: set[str] = set()
         if pfam_map:

@@ -240,6 +240,22 @@ def test_existing_output_is_not_overwritten_silently(uniprot_dat_dir, capsys, tm
     assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
 
 
+def test_an_output_moved_aside_by_a_killed_run_is_put_back(uniprot_dat_dir, capsys, tmp_path):
+    """A run with --overwrite killed between moving the earlier output aside and renaming its
+    own into place leaves ``.out.<pid>.old`` and no ``out``: the next run restores it first."""
+    out = tmp_path / "out"
+    dat = uniprot_dat_dir / "emboss_trembl.dat"
+    assert run(["--source", str(dat), "--out", str(out)], capsys)[0] == 0
+    manifest = (out / "manifest.json").read_text()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid whose process is gone
+    out.rename(tmp_path / f".out.{child.pid}.old")
+    status, _, err = run(["--source", str(dat), "--out", str(out)], capsys)
+    assert status == 1 and "--overwrite" in err  # the earlier output is back, not replaced
+    assert (out / "manifest.json").read_text() == manifest
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
 def test_fasta_proteomes_with_pfam_map(proteome_dir, capsys, tmp_path):
     files = [proteome_dir / f"{name}.fasta.gz" for name in
              ("UP000001014-S.typhimurium", "UP000008962-S.typhimurium", "UP000002717-S.elongatus")]  # fmt: skip

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from lm_models import tiny_config
@@ -58,3 +62,79 @@ def test_export_and_split_files_are_synced_before_publishing(tmp_path, monkeypat
     write_split(tmp_path / "train.h5", ["MKTAYIAK", "MSEQ"], concat_length=8)
     assert calls[0].endswith(".partial") and Path(calls[-1]) == tmp_path.resolve()
     assert os.path.getsize(tmp_path / "train.h5") > 0
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_recover_folder_restores_and_cleans_what_dead_processes_left(tmp_path):
+    out = tmp_path / "model"
+    dead = _dead_pid()
+    older, newer = tmp_path / f".model.{dead}.old", tmp_path / f".model.{dead + 100000}.old"
+    for folder, text in ((older, "older"), (newer, "newer")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    os.utime(older, (1, 1))  # the newest moved-aside folder is the one to restore
+    partial = tmp_path / f".model.{dead}.partial"
+    partial.mkdir()
+    live = tmp_path / f".model.{os.getpid()}.partial"  # a live export's staging: left alone
+    live.mkdir()
+
+    removed = durable.recover_folder(out)
+
+    assert (out / "config.json").read_text() == "newer"
+    assert sorted(removed) == sorted([older, partial])
+    assert not older.exists() and not partial.exists() and not newer.exists()
+    assert live.is_dir()
+    assert durable.recover_folder(out) == []  # nothing left to do; out untouched
+    assert (out / "config.json").read_text() == "newer"
+
+
+_KILLED_BETWEEN_RENAMES = """
+import sys, time
+from pathlib import Path
+from protperf import durable
+real_rename = Path.rename
+def rename(self, target):
+    result = real_rename(self, target)
+    if str(target).endswith(".old"):  # the earlier export is aside, the new one not yet in place
+        print("moved", flush=True)
+        time.sleep(60)
+    return result
+Path.rename = rename
+new = Path(sys.argv[1])
+new.mkdir()
+(new / "config.json").write_text("second")
+durable.replace_folder(new, sys.argv[2])
+"""
+
+
+def test_a_publish_killed_between_its_renames_loses_nothing(tmp_path):
+    """SIGKILL after the old folder is moved aside and before the new one is renamed in: the
+    next run finds the old folder and puts it back (then publishes its own)."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("first")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_BETWEEN_RENAMES, str(tmp_path / "staging"), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "moved"
+        assert not out.exists()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    durable.recover_folder(out)
+    assert (out / "config.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".old")] == []
+
+    model = PerformerLM(tiny_config())
+    export_model(model, out, mode="unidirectional")  # a later export replaces it normally
+    assert json.loads((out / "config.json").read_text())["mode"] == "unidirectional"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "staging"]
