@@ -224,11 +224,18 @@ def _scan_flat(
         accessions.append(accession)
         sequences.append(residues)
         if scan_pfam:
+            # Backwards from the SQ line: the Pfam lines sit near the end of the DR block, so
+            # the search stops after the few lines below them (PE, KW, FT) instead of reading
+            # the whole header again. Pfam lines are consecutive; the ones above the last are
+            # read line by line.
             found: list[bytes] = []
-            hit = find(_PFAM_LINE, id_end, sq)
+            hit = rfind(_PFAM_LINE, id_end, sq)
             while hit >= 0:
                 found.append(block[hit + 12 : hit + 19])
-                hit = find(_PFAM_LINE, hit + 12, sq)
+                hit = rfind(b"\n", id_end, hit)
+                if not block.startswith(_PFAM_LINE, hit):
+                    break
+            found.reverse()  # file order
             if found and not held_out.isdisjoint(found):
                 flagged.append(index + offset)
             if pfam is not None:
