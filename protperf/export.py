@@ -19,7 +19,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from protperf import __version__
-from protperf.durable import recover_folder, replace_folder
+from protperf.durable import replace_folder
 from protperf.model import PerformerConfig, PerformerLM
 from protperf.tokenizer import save_tokenizer_json
 
@@ -37,7 +37,6 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside ``out`` and renamed into place: ``out`` never holds a half-written export,
     # and a previous export stays whole until the new one is complete.
-    recover_folder(out)  # what a killed export left: the earlier model back in place if needed
     staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:

@@ -186,20 +186,23 @@ def _row_blocks(
     make two blocks of 4 rows, not 7 + 1.
     """
     per_row = 4 * length * num_features  # one L x m float32 tensor
-    most = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"]) // per_row)
-    count = -(-rows // most)
-    size = -(-rows // count)
     keep = 2 * rows * per_row <= KEEP_FEATURES_BYTES.get(device.type, KEEP_FEATURES_BYTES["cpu"])
-    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)], keep
+    return _balanced_slices(rows, per_row, device), keep
+
+
+def _balanced_slices(total: int, item_bytes: int, device: torch.device) -> list[slice]:
+    """``range(total)`` in as few slices as keep ``item_bytes`` each under BLOCK_BYTES, of
+    balanced sizes (one item per slice when a single item exceeds it)."""
+    most = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"]) // item_bytes)
+    count = -(-total // most)
+    size = -(-total // count)
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 def _segments(length: int, rows: int, num_features: int, device: torch.device) -> list[slice]:
     """Position segments of a block of rows: one, unless one row's L x m features exceed the
     block budget (L = 32,768 at m = 256), then as few balanced segments as keep them under it."""
-    most = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"]) // (4 * rows * num_features))
-    count = -(-length // most)
-    size = -(-length // count)
-    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+    return _balanced_slices(length, 4 * rows * num_features, device)
 
 
 class BidirectionalFavor(torch.autograd.Function):
@@ -278,25 +281,26 @@ class BidirectionalFavor(torch.autograd.Function):
             segments = _segments(length, block.stop - block.start, num_features, q.device)
             features = [next(kept) for _ in range(2 * len(segments))] if kept else None
             reference, block_context = ctx.references[index], context[block]
-            # dC = Q''^T dOut, summed over the segments
+            # dC = Q''^T dOut, summed over the segments (one row's queries at most: held for
+            # the loop below rather than computed twice)
+            queries = (
+                features[len(segments) :]
+                if features
+                else [feature_map.queries(q[block, segment], w) for segment in segments]
+            )
             grad_context = torch.zeros_like(block_context)
-            for position, segment in enumerate(segments):
-                eq = (
-                    features[len(segments) + position]
-                    if features
-                    else feature_map.queries(q[block, segment], w)
-                )
+            for eq, segment in zip(queries, segments, strict=True):
                 grad_context.baddbmm_(eq.transpose(-2, -1), grad_out[block, segment])
             grad_context.add_(grad_out[block].sum(dim=-2, keepdim=True), alpha=eps)
             eps_term = grad_context.sum(dim=-2, keepdim=True) * eps
             for position, segment in enumerate(segments):
                 seg_valid = None if valid is None else valid[block, segment]
                 log_scale = ctx.log_scales[index][position]
+                eq = queries[position]
                 if features:
-                    ek, eq = features[position], features[len(segments) + position]
+                    ek = features[position]
                 else:
                     ek, _ = feature_map.keys(k[block, segment], w, seg_valid)
-                    eq = feature_map.queries(q[block, segment], w)
                 seg_grad, seg_values = grad_out[block, segment], values[block, segment]
                 grad_eq = torch.matmul(seg_grad, block_context.transpose(-2, -1))
                 grad_q[block, segment] = feature_map.query_grad(grad_eq, eq, q[block, segment], w)
