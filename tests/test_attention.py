@@ -413,3 +413,41 @@ def test_builds_on_the_meta_device():
     with torch.device("meta"):
         attn = FastAttention(head_dim=64, num_features=256)
     assert attn.projection.device.type == "meta" and attn.projection.shape == (256, 64)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_softmax_kernel_feeds_no_subnormals_to_matmuls(monkeypatch, causal):
+    """A trained model's large q, k make exp() underflow; subnormal floats slow CPU matmuls 4-10x.
+
+    The kernel flushes them to zero (protperf.favor.flush_exp_): no matmul operand in the forward
+    or backward holds a subnormal, and the float32 result still equals float64's.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal_counts = []
+
+    def counting(op):
+        def wrapped(*args, **kwargs):
+            for tensor in args:
+                if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+                    subnormal_counts.append(
+                        int(((tensor != 0) & (tensor.abs() < tiny)).sum().item())
+                    )
+            return op(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("bmm", "matmul"):
+        monkeypatch.setattr(torch, name, counting(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", counting(torch.Tensor.baddbmm_))
+    attn = FastAttention(head_dim=32, num_features=64, kernel="softmax", causal=causal)
+    q, k, v = random_qkv(2, 2, 300, 32, dtype=torch.float32, seed=5, scale=10.0)
+    out = attn(q, k, v)
+    out.pow(2).sum().backward()
+    monkeypatch.undo()
+    assert len(subnormal_counts) > 10 and sum(subnormal_counts) == 0
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out64 = attn.double()(q64, k64, v64)
+    out64.pow(2).sum().backward()
+    assert torch.allclose(out.double(), out64, rtol=1e-4, atol=1e-4)
+    for grad, grad64 in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert torch.allclose(grad.double(), grad64, rtol=1e-3, atol=1e-3 * grad64.abs().max())
