@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protperf.favor import FEATURE_MAPS, BidirectionalFavor, CausalFavor, flush_exp
+from protperf.favor import FEATURE_MAPS, BidirectionalFavor, CausalFavor, flush_exp_
 
 Kernel = Literal["softmax", "relu", "exact"]
 FeatureType = Literal["orthogonal", "iid", "deterministic"]
@@ -310,13 +310,13 @@ class FastAttention(nn.Module):
             log_scale = key_max
             if state is not None:
                 key_max = torch.maximum(log_scale, state.key_max)
-            key_features = key_features * flush_exp(log_scale - key_max)
+            key_features = key_features * flush_exp_(log_scale - key_max)
         context = key_features.transpose(-2, -1) @ values  # (B, H, m, d+1)
         value_sum = values
         if state is not None:
             previous = state.context
             if key_max is not None:
-                previous = previous * flush_exp(state.key_max - key_max)
+                previous = previous * flush_exp_(state.key_max - key_max)
             context, value_sum = context + previous, values + state.value_sum
         eps = feature_map.eps
         out = (query_features + eps) @ (context + eps * value_sum)

@@ -48,13 +48,10 @@ DEFAULT_EXP_FLOOR = -25.0
 
 
 def flush_exp_(x: Tensor) -> Tensor:
-    """exp in place, entries below the dtype's floor set to exactly 0 (never subnormal)."""
+    """exp in place, entries below the dtype's floor set to exactly 0 (never subnormal).
+
+    Callers pass fresh temporaries (differences of maxima, logits), so no copy is made."""
     return x.masked_fill_(x < EXP_FLOOR.get(x.dtype, DEFAULT_EXP_FLOOR), -math.inf).exp_()
-
-
-def flush_exp(x: Tensor) -> Tensor:
-    """:func:`flush_exp_` on a copy of x."""
-    return flush_exp_(x.clone())
 
 
 class FeatureMap:
@@ -259,9 +256,9 @@ class BidirectionalFavor(torch.autograd.Function):
                     top = log_scale.amax(dim=-2, keepdim=True).clamp_min(floor)
                     if reference is not None:
                         top = torch.maximum(reference, top)
-                        block_context.mul_(flush_exp(reference - top))
+                        block_context.mul_(flush_exp_(reference - top))
                     reference = top
-                    seg_values = seg_values * flush_exp(log_scale - reference)
+                    seg_values = seg_values * flush_exp_(log_scale - reference)
                 # C += Ê_k^T (scale V~)                                            (R, m, d+1)
                 block_context.baddbmm_(ek.transpose(-2, -1), seg_values)
                 block_log_scales.append(log_scale)
@@ -325,7 +322,7 @@ class BidirectionalFavor(torch.autograd.Function):
                 grad_eq = torch.matmul(seg_grad, block_context.transpose(-2, -1))
                 grad_q[block, segment] = feature_map.query_grad(grad_eq, eq, q[block, segment], w)
                 # Keys: dÊ_k = (scale V~) dC^T;  H = Ê_k dC gives dV~ and d(scale).
-                scale = None if log_scale is None else flush_exp(log_scale - reference)
+                scale = None if log_scale is None else flush_exp_(log_scale - reference)
                 scaled_values = seg_values if scale is None else seg_values * scale
                 grad_ek = torch.matmul(scaled_values, grad_context.transpose(-2, -1))
                 through_keys = torch.matmul(ek, grad_context)  # (R, S, d+1)
@@ -415,8 +412,8 @@ def _chunked_features(
         ek,
         g,
         valid_c,
-        query_scale=flush_exp(previous_max.unsqueeze(-1) - running_max).unsqueeze(-1),
-        key_scale=flush_exp(g - chunk_max.unsqueeze(-1)).unsqueeze(-1),
+        query_scale=flush_exp_(previous_max.unsqueeze(-1) - running_max).unsqueeze(-1),
+        key_scale=flush_exp_(g - chunk_max.unsqueeze(-1)).unsqueeze(-1),
         chunk_max=chunk_max,
         previous_max=previous_max,
         decay=decay,
@@ -642,13 +639,13 @@ def _causal_forward_block(
         if f.previous_max is None:
             states.add_(carried_state.unsqueeze(1))
         else:
-            factor = flush_exp(f.previous_max[:, :1] - f.previous_max)[..., None, None]
+            factor = flush_exp_(f.previous_max[:, :1] - f.previous_max)[..., None, None]
             states.addcmul_(factor, carried_state.unsqueeze(1))
         past_values.add_(carried_values.unsqueeze(1))
     last_state = states[:, -1]
     if f.chunk_max is not None:
         last_state = (
-            last_state * flush_exp(f.previous_max[:, -1] - f.chunk_max[:, -1])[:, None, None]
+            last_state * flush_exp_(f.previous_max[:, -1] - f.chunk_max[:, -1])[:, None, None]
         )
     carry = (last_state + increments[:, -1], past_values[:, -1] + value_sums[:, -1])
     # Intra-chunk scores: decay * (E_q Ê^T + eps rowsum Ê) + eps (rowsum E_q + m eps) valid.
@@ -716,13 +713,13 @@ def _causal_backward_block(
         if f.chunk_max is None:
             later.add_(carried_later.unsqueeze(1))
         else:
-            factor = flush_exp(f.chunk_max - f.chunk_max[:, -1:])[..., None, None]
+            factor = flush_exp_(f.chunk_max - f.chunk_max[:, -1:])[..., None, None]
             later.addcmul_(factor, carried_later.unsqueeze(1))
         later_values.add_(carried_values.unsqueeze(1))
     first_later = later[:, 0]
     if f.chunk_max is not None:
         first_later = (
-            first_later * flush_exp(f.previous_max[:, 0] - f.chunk_max[:, 0])[:, None, None]
+            first_later * flush_exp_(f.previous_max[:, 0] - f.chunk_max[:, 0])[:, None, None]
         )
     carry = (first_later + to_states[:, 0], later_values[:, 0] + to_past_values[:, 0])
     through_keys = _bmm(f.ek, later)  # (R, n, C, d+1)
