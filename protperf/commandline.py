@@ -63,7 +63,9 @@ def build_parser(
     short = short or {}
     description, helps = _docstring(function)
     hints = typing.get_type_hints(function)
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
+    parser = ArgumentParser(
+        prog=prog, description=description, exit_on_error=True, allow_abbrev=False
+    )
     for name, param in inspect.signature(function).parameters.items():
         hint = hints.get(name, str)
         kwargs: dict[str, Any] = {"help": helps.get(name, "")}

@@ -103,7 +103,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def main(argv: list[str]) -> int:
     """``protperf plot RUN_DIR [--out FILE]``."""
-    parser = argparse.ArgumentParser(prog="protperf plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="protperf plot", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("run_dir", type=Path, help="a `protperf train` run folder")
     parser.add_argument(
         "--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)"

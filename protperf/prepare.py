@@ -387,6 +387,7 @@ def build_parser():
     summary = (prepare_data.__doc__ or "").split("\n    Args:")[0]
     parser = ArgumentParser(
         prog="protperf prepare-data",
+        allow_abbrev=False,
         description=summary,
         epilog="Options accept --max-sequences or --max_sequences; list options take several "
         "values (--source a.fasta b.fasta) or a JSON list.",

@@ -66,7 +66,9 @@ def build_parser(*, concat: bool = False) -> ArgumentParser:
     from protperf.model import PerformerConfig
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings -> --help
-    parser = ArgumentParser(prog="protperf train", description=__doc__, exit_on_error=True)
+    parser = ArgumentParser(
+        prog="protperf train", description=__doc__, exit_on_error=True, allow_abbrev=False
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
     parser.add_argument("--data", type=str | None, default=None, help="prepared dataset folder")
     parser.add_argument(

@@ -37,3 +37,22 @@ def test_every_verb_has_help(verb):
     completed = run_cli(verb, "--help")
     assert completed.returncode == 0, completed.stderr
     assert "--" in completed.stdout  # lists its options
+
+
+#: verb -> a prefix of one of its options: argparse would take it for the whole option, so that
+#: a typo or a later option sharing the prefix silently changes what runs.
+ABBREVIATED = {
+    "prepare-data": ["--max-seq", "5"],
+    "train": ["--bidir"],
+    "plot": ["runs/x", "--ou", "x.png"],
+    "embed": ["x.fasta", "--per-res"],
+    "evaluate": ["--form", "json"],
+    "generate": ["--temp", "1.0"],
+}
+
+
+@pytest.mark.parametrize("verb", sorted(cli.VERBS))
+def test_abbreviated_options_are_refused(verb):
+    completed = run_cli(verb, *ABBREVIATED[verb])
+    assert completed.returncode == 2, completed.stderr
+    assert "unrecognized arguments" in completed.stderr
