@@ -12,9 +12,9 @@ memory); memory is the process's peak resident set size (and, on CUDA, the peak 
 
 Contenders: ``protperf`` (protperf.attention.FastAttention, softmax kernel), ``exact``
 (torch.nn.functional.scaled_dot_product_attention), ``performer-pytorch`` (FastAttention of the
-performer-pytorch package, its non-CUDA causal path on a CPU). The process-level allocator setting
-of protperf.runtime is applied to every contender alike (``--no-tune-allocator`` to compare
-without it).
+performer-pytorch package, its non-CUDA causal path on a CPU). The process-level settings of
+protperf.runtime (allocator, flush-to-zero) are applied to every contender alike
+(``--no-tune-allocator`` to compare without them).
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def build_attention(implementation: str, causal: bool, head_dim: int, num_featur
 def run_worker(args: argparse.Namespace) -> dict:
     """Measure one configuration in this process; returns the measurement as a dict."""
     if args.tune_allocator:
-        from protperf.runtime import tune_cpu_allocator
+        from protperf.runtime import flush_denormals, tune_cpu_allocator
 
         tune_cpu_allocator()
+        flush_denormals()
     import torch
 
     torch.manual_seed(0)

@@ -243,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         working_memory_worker(args)
         return 0
 
-    from protperf.runtime import tune_cpu_allocator
+    from protperf.runtime import flush_denormals, tune_cpu_allocator
 
     tune_cpu_allocator()  # as the protperf command does, before torch is imported
+    flush_denormals()
     import torch
 
     from protperf.export import export_model

@@ -51,12 +51,13 @@ def _peak_rss_gb() -> float:
 
 
 def _tune_allocator() -> None:
-    """The same process-level allocator settings for every contender (when protperf has them)."""
+    """The same process-level settings (allocator, flush-to-zero) for every contender."""
     try:
-        from protperf.runtime import tune_cpu_allocator
+        from protperf.runtime import flush_denormals, tune_cpu_allocator
     except ImportError:
         return
     tune_cpu_allocator()
+    flush_denormals()
 
 
 def _return_values_module():

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from protperf import __version__
-from protperf.runtime import tune_cpu_allocator
+from protperf.runtime import flush_denormals, tune_cpu_allocator
 
 #: verb -> (module, one-line summary). A verb joins this table when its issue lands.
 VERBS: dict[str, tuple[str, str]] = {
@@ -27,6 +27,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("protperf.evaluate", "accuracy and perplexity per split vs the unigram baseline"),
     "generate": ("protperf.generate", "sample proteins from a unidirectional model (FASTA)"),
 }
+#: Verbs that run models: subnormal floats flush to zero in them (protperf/runtime.py).
+MODEL_VERBS = frozenset({"train", "embed", "evaluate", "generate"})
 
 
 def _usage() -> str:
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"protperf: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     tune_cpu_allocator()  # before torch is imported: see protperf/runtime.py
+    if verb in MODEL_VERBS:
+        flush_denormals()  # before torch starts its threads: see protperf/runtime.py
     module = importlib.import_module(VERBS[verb][0])
     status = module.main(rest)
     return int(status or 0)

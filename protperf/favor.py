@@ -39,8 +39,9 @@ from torch import Tensor
 #: Exponents below the floor give exactly 0 instead of a subnormal float. x86 CPUs compute on
 #: subnormals 4-10x slower, and a trained softmax model's features span enough orders of magnitude
 #: to produce them: causal attention at q, k norms 10x those at initialisation ran 5x slower
-#: (single thread: 285 ms, 72 ms with flush-to-zero; torch.set_flush_denormal only reaches the
-#: calling thread, not the intra-op pool). e^-25 is 1e-5 of the eps that every feature carries,
+#: (single thread: 285 ms, 72 ms with flush-to-zero). The protperf command also turns on the CPU's
+#: flush-to-zero (protperf.runtime.flush_denormals); this floor keeps the kernels fast without it,
+#: in any program that imports them. e^-25 is 1e-5 of the eps that every feature carries,
 #: so dropping smaller values changes no output measurably. float64 keeps values to e^-200 (the
 #: exactness tests compare with a naive reference to 1e-10).
 EXP_FLOOR = {torch.float64: -200.0}

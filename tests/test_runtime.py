@@ -1,12 +1,15 @@
-"""The CPU allocator setting: applied on Linux, selectable, and harmless to results."""
+"""Process settings: the CPU allocator (Linux, selectable, harmless to results) and flush-to-zero."""
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
+
+from protperf import cli
 
 PROBE = (
     "import os, protperf.runtime as r; ok = r.tune_cpu_allocator(); "
@@ -46,3 +49,50 @@ def test_tuned_process_computes_the_same_attention():
         for mode in ("0", "default", "aggressive")
     }
     assert len(results) == 1
+
+
+#: Multiplies 2**20 float32 values into the subnormal range (1e-30 * 1e-10 = 1e-40) in a parallel
+#: operation; prints how many results are subnormal (0 when every thread flushes to zero).
+SUBNORMAL_PROBE = (
+    "import torch; torch.set_num_threads(2); "
+    "y = torch.full((1 << 20,), 1e-30) * torch.full((1 << 20,), 1e-10); "
+    "print(int((y != 0).sum()))"
+)
+
+
+def run_python(code: str, **env: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    ).stdout.strip()
+
+
+def test_without_flush_the_probe_sees_subnormals():
+    assert int(run_python(SUBNORMAL_PROBE)) == 1 << 20
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="flush-to-zero is an x86 setting"
+)
+def test_flush_denormals_reaches_every_thread_of_the_pool():
+    on = "import protperf.runtime as r; print(r.flush_denormals()); " + SUBNORMAL_PROBE
+    assert run_python(on).split() == ["True", "0"]
+    assert run_python(on, PROTPERF_FLUSH_DENORMAL="0").split() == ["False", str(1 << 20)]
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="flush-to-zero is an x86 setting"
+)
+@pytest.mark.parametrize("verb", ["generate", "prepare-data"])
+def test_model_verbs_flush_subnormals(verb):
+    """The CLI turns flush-to-zero on before a model verb's torch starts its threads."""
+    code = (
+        "import contextlib, sys; from protperf import cli\n"
+        f"with contextlib.suppress(SystemExit), contextlib.redirect_stdout(sys.stderr):\n"
+        f"    cli.main([{verb!r}, '--help'])\n" + SUBNORMAL_PROBE.replace("; ", "\n")
+    )
+    subnormal = int(run_python(code))
+    assert subnormal == (0 if verb in cli.MODEL_VERBS else 1 << 20)
