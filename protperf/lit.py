@@ -13,7 +13,9 @@ reduced across data-parallel ranks before the ratio is taken.
 Randomness that must not depend on the process layout is seeded per sample: the data module
 gives every sequence (crop) a ``sample_seed`` and the masks are drawn from it, so DDP shards,
 batch composition, worker count and a resumed run all see the same masks. Features are redrawn
-every ``redraw_every`` steps from a seed derived from the global step, identical on all ranks.
+every ``redraw_every`` steps from a seed derived from the global step, identical on all ranks;
+``redraw_until`` stops the redraws at a step, so that the model trains its last steps on, and is
+evaluated with, the one draw it keeps.
 """
 
 from __future__ import annotations
@@ -244,6 +246,7 @@ class ProteinLM(pl.LightningModule):
         optim: OptimConfig | dict[str, Any] | None = None,
         *,
         redraw_every: int = 1000,
+        redraw_until: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -253,7 +256,10 @@ class ProteinLM(pl.LightningModule):
         self.optim = _as(OptimConfig, optim)
         if redraw_every < 0:
             raise ValueError(f"redraw_every must be >= 0 (0 = never), got {redraw_every}")
+        if redraw_until < 0:
+            raise ValueError(f"redraw_until must be >= 0 (0 = to the end), got {redraw_until}")
         self.redraw_every = redraw_every
+        self.redraw_until = redraw_until
         self.seed = seed
         self.model = PerformerLM(model_config)
         for split in SPLITS:  # attributes, not a ModuleDict: "train" would shadow Module.train
@@ -267,6 +273,7 @@ class ProteinLM(pl.LightningModule):
             "model": self.model.config.to_dict(),
             "optim": asdict(self.optim),
             "redraw_every": self.redraw_every,
+            "redraw_until": self.redraw_until,
             "seed": self.seed,
         }
 
@@ -339,6 +346,7 @@ class ProteinLM(pl.LightningModule):
             and step
             and step % self.redraw_every == 0
             and step != self._redrawn_at
+            and (not self.redraw_until or step < self.redraw_until)
         ):
             self.model.redraw_features(derive_seed(self.seed, _REDRAW_SALT, step))
             self._redrawn_at = step
@@ -425,10 +433,13 @@ class BidirectionalLM(ProteinLM):
         masking: MaskingConfig | dict[str, Any] | None = None,
         *,
         redraw_every: int = 1000,
+        redraw_until: int = 0,
         seed: int = 0,
     ) -> None:
         self.masking = _as(MaskingConfig, masking)
-        super().__init__(model, optim, redraw_every=redraw_every, seed=seed)
+        super().__init__(
+            model, optim, redraw_every=redraw_every, redraw_until=redraw_until, seed=seed
+        )
 
     def _hparams(self) -> dict[str, Any]:
         return {**super()._hparams(), "masking": asdict(self.masking)}

@@ -88,6 +88,13 @@ def build_parser(*, concat: bool = False) -> ArgumentParser:
         "--redraw_every", type=int, default=1000, help="feature redraw period; 0 never"
     )
     parser.add_argument(
+        "--redraw_until",
+        type=int,
+        default=0,
+        help="no redraw from this step on: the last steps train on the draw kept for "
+        "evaluation; 0 redraws to the end",
+    )
+    parser.add_argument(
         "--checkpoint_every", type=int, default=1000, help="steps between checkpoints"
     )
     parser.add_argument(
@@ -254,11 +261,20 @@ def run(parser: ArgumentParser, cfg: Namespace) -> TrainResult:
     )
     if cfg.bidirectional:
         module = BidirectionalLM(
-            init.model, init.optim, init.masking, redraw_every=cfg.redraw_every, seed=cfg.seed
+            init.model,
+            init.optim,
+            init.masking,
+            redraw_every=cfg.redraw_every,
+            redraw_until=cfg.redraw_until,
+            seed=cfg.seed,
         )
     else:
         module = UnidirectionalLM(
-            init.model, init.optim, redraw_every=cfg.redraw_every, seed=cfg.seed
+            init.model,
+            init.optim,
+            redraw_every=cfg.redraw_every,
+            redraw_until=cfg.redraw_until,
+            seed=cfg.seed,
         )
 
     trainer_kwargs = dict(vars(init.trainer))

@@ -216,11 +216,18 @@ class _Batches(torch.utils.data.Dataset):
         return _batch(index)
 
 
-def test_features_are_redrawn_from_the_global_step_and_fixed_in_evaluation(tmp_path):
-    module = BidirectionalLM({**TINY, "kernel": "softmax"}, redraw_every=2, seed=5)
+@pytest.mark.parametrize(
+    ("redraw_until", "max_steps", "last_redraw"), [(0, 5, 4), (5, 9, 4), (4, 7, 2)]
+)
+def test_features_are_redrawn_from_the_global_step_and_fixed_in_evaluation(
+    tmp_path, redraw_until, max_steps, last_redraw
+):
+    module = BidirectionalLM(
+        {**TINY, "kernel": "softmax"}, redraw_every=2, redraw_until=redraw_until, seed=5
+    )
     loader = torch.utils.data.DataLoader(_Batches(), batch_size=None)
     trainer = pl.Trainer(
-        max_steps=5,
+        max_steps=max_steps,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -229,10 +236,10 @@ def test_features_are_redrawn_from_the_global_step_and_fixed_in_evaluation(tmp_p
         default_root_dir=tmp_path,
     )
     trainer.fit(module, train_dataloaders=loader)
-    # Redraws happened before steps 2 and 4: the features are those of seed(5, step 4).
+    # Redraws before steps 2, 4, ... below redraw_until: the features are those of the last.
     reference = PerformerConfig(**{**TINY, "kernel": "softmax"})
     expected = BidirectionalLM(reference, redraw_every=2, seed=5).model
-    expected.redraw_features(derive_seed(5, 0x72656472, 4))
+    expected.redraw_features(derive_seed(5, 0x72656472, last_redraw))
     for got, want in zip(module.model.blocks, expected.blocks, strict=True):
         torch.testing.assert_close(got.attn.attention.projection, want.attn.attention.projection)
     before = module.model.blocks[0].attn.attention.projection.clone()
