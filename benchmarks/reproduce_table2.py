@@ -27,7 +27,10 @@ Writes OUT/table2.md (both tables, the targets' PASS/FAIL lines, the machine), O
 and OUT/curves.png (accuracy and perplexity, train dashed, validation solid, one colour per model;
 a row per mode against steps, and the concat runs against wall time). A rerun reuses the prepared
 data (same options) and skips every run whose folder holds a finished export trained with the
-same command (``--force`` retrains); a run left unfinished is started over.
+same command (``--force`` retrains); a run left unfinished (killed, or the machine went away)
+resumes from its last checkpoint when it was started with the same command and data, and is
+started over otherwise. A resumed run's wall time adds the earlier attempts' time up to their
+last checkpoint.
 
     python benchmarks/reproduce_table2.py                      # the full CPU reproduction
     python benchmarks/reproduce_table2.py --smoke --out /tmp/t2 # the pipeline in well under a minute
@@ -89,6 +92,7 @@ COLORS = {"exact": "tab:blue", "relu": "tab:orange", "softmax": "tab:green"}
 SETS = {"test": "test", "ood": "OOD"}
 WALL_COLUMN = "time/train_seconds"  # logged by protperf.lit.TrainingClock
 RECORD = "reproduce.json"  # in each run folder: the command, the data, the wall time
+STARTED = "reproduce.started.json"  # written when a run (or a resumed part of it) starts
 EVALUATION = "evaluate.json"  # in each run folder: the evaluate command and its JSON
 
 UNIGRAM_TARGET = 0.10  # test ppl at least 10% below the unigram baseline's
@@ -415,16 +419,44 @@ def train(run: Run, args: argparse.Namespace, runner: Runner, signature: str) ->
                 f"  {command_line(record.get('argv', []))}\n"
                 "pass --force to retrain it or choose another --out"
             )
-        print(f"{run.run_dir} holds an unfinished run: starting it over")
-    if run.run_dir.exists():
-        shutil.rmtree(run.run_dir)
-    status, _, wall = runner(run.argv, args.out / "logs" / f"{run.name}-train.log")
+    earlier = None if args.force else _resumable_wall(run.run_dir, wanted)
+    if earlier is None:
+        if run.run_dir.exists():
+            print(f"{run.run_dir} holds an unfinished run: starting it over")
+            shutil.rmtree(run.run_dir)
+        argv = run.argv
+    else:
+        print(f"{run.run_dir} holds an unfinished run: resuming it from its last checkpoint")
+        argv = [*run.argv, "--resume"]
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    started = {**wanted, "earlier_wall_s": earlier or 0.0, "started_at": time.time()}
+    (run.run_dir / STARTED).write_text(json.dumps(started, indent=2) + "\n")
+    status, _, wall = runner(argv, args.out / "logs" / f"{run.name}-train.log")
     if status != 0:
         run.failed = True
         return
-    run.wall_s = wall
-    record = {**wanted, "command": command_line(run.argv), "wall_s": wall, "runner": runner.mode}
+    run.wall_s = (earlier or 0.0) + wall
+    record = {
+        **wanted,
+        "command": command_line(run.argv),
+        "wall_s": run.wall_s,
+        "resumed": earlier is not None,
+        "runner": runner.mode,
+    }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _resumable_wall(run_dir: Path, wanted: dict) -> float | None:
+    """Wall seconds an unfinished run spent up to its last checkpoint, or None when it cannot
+    resume (no checkpoint, or started with another command or data)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    started_path = run_dir / STARTED
+    if not (last.is_file() and started_path.is_file()):
+        return None
+    started = json.loads(started_path.read_text())
+    if {k: started.get(k) for k in wanted} != wanted:
+        return None
+    return started["earlier_wall_s"] + max(0.0, last.stat().st_mtime - started["started_at"])
 
 
 def evaluate(run: Run, args: argparse.Namespace, runner: Runner, data: Path) -> None:

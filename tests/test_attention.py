@@ -422,6 +422,9 @@ def test_softmax_kernel_feeds_no_subnormals_to_matmuls(monkeypatch, causal):
     The kernel flushes them to zero (protperf.favor.flush_exp_): no matmul operand in the forward
     or backward holds a subnormal, and the float32 result still equals float64's.
     """
+    # IEEE subnormals in this thread, whatever an earlier in-process `protperf` call turned on
+    # (flush-to-zero would hide them from the kernel and from the count alike).
+    torch.set_flush_denormal(False)
     tiny = torch.finfo(torch.float32).tiny
     subnormal_counts = []
 

@@ -1,15 +1,19 @@
 """benchmarks/reproduce_table2.py --smoke on real proteomes: Table 2 from `protperf evaluate`'s
-JSON, the concat comparison, the curves, and a rerun that skips the finished runs."""
+JSON, the concat comparison, the curves, a rerun that skips the finished runs and one that
+resumes an unfinished run."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from protperf.cli import main as protperf_main
 
@@ -151,3 +155,27 @@ def test_time_to_reach_interpolates_over_time(script):
     assert script.time_to_reach(timeline, 0.25) == pytest.approx(30.0)
     assert script.time_to_reach(timeline, 0.30) == pytest.approx(40.0)
     assert script.time_to_reach(timeline, 0.31) is None
+
+
+def test_rerun_resumes_an_unfinished_run(smoke, script, capsys):
+    """A run killed after its last checkpoint (no export, no record yet) resumes from it."""
+    out, argv = smoke
+    run_dir = out / "runs" / "unidirectional-relu"
+    trained = load_file(run_dir / "export" / "model.safetensors")
+    first_wall = json.loads((run_dir / script.RECORD).read_text())["wall_s"]
+    shutil.rmtree(run_dir / "export")
+    (run_dir / script.RECORD).unlink()
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "unidirectional-relu holds an unfinished run: resuming it" in printed
+    assert "starting it over" not in printed
+    assert printed.count("skip ") == 7 and printed.count(" --resume") == 1
+    resumed = load_file(run_dir / "export" / "model.safetensors")
+    assert resumed.keys() == trained.keys()
+    for name, tensor in trained.items():  # nothing retrained: the checkpoint was the last step
+        assert torch.equal(resumed[name], tensor), name
+    record = json.loads((run_dir / script.RECORD).read_text())
+    assert record["resumed"] is True
+    # The first attempt's time up to its last checkpoint, plus the resumed part.
+    assert 0.5 * first_wall < record["wall_s"]
