@@ -4,13 +4,17 @@ Records come in :class:`RecordBatch` es of a few MB, never one Python object per
 flat-file scanner works on multi-MB blocks that end on a record boundary, finds each record's
 ``//`` terminator, ``AC`` and ``SQ`` lines and ``DR   Pfam;`` lines with ``bytes.find`` (C speed),
 strips and tokenizes each sequence with one ``bytes.translate`` (a table built from
-:func:`protperf.tokenizer.encode`, so the ids are protperf's). FASTA goes through
-Biopython's ``SimpleFastaParser`` (any FASTA; UniProt headers give the accession).
+:func:`protperf.tokenizer.encode`, so the ids are protperf's). FASTA is read the same way:
+blocks that end on a record boundary, split at each ``\n>``, each record's sequence stripped and
+tokenized by one ``bytes.translate``; records and titles as Biopython's ``SimpleFastaParser``
+gives them (tested on the shared proteomes). Measured on the 49.5 MB of shared proteomes: about
+210 MB/s tokenized and batched, where the same through ``SimpleFastaParser`` ran at 103-128 MB/s
+(the parser alone: 165-180 MB/s). UniProt headers give the accession, any other FASTA its first
+word.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ import numpy as np
 
 from protperf import tokenizer
 from protperf.data.errors import FormatError
-from protperf.data.stream import ChunkReader, peek
+from protperf.data.stream import peek
 
 #: Bytes removed from sequence lines (flat files indent and group residues by 10).
 _SEQUENCE_WHITESPACE = b" \n\r\t"
@@ -36,7 +40,7 @@ _PFAM_LINE = b"\nDR   Pfam; PF"
 #: Flat-file bytes per batch: several decompressed chunks (about 1 MB each) make one batch.
 _BATCH_BYTES = 8 << 20
 _FASTA_BATCH_RESIDUES = 16 << 20
-_UNIPROT_FASTA_ID = re.compile(r"^[A-Za-z0-9_]+\|([^|\s]+)\|")
+_UNIPROT_FASTA_ID = re.compile(rb"^[A-Za-z0-9_]+\|([^|\s]+)\|")
 _PFAM_ID = re.compile(r"\bPF\d{5}\b")
 
 
@@ -270,11 +274,41 @@ def _make_batch(
 
 def fasta_accession(title: str) -> str:
     """The accession of a FASTA title: ``sp|P12345|NAME ...`` -> ``P12345``; else the first word."""
+    return _accession(title.encode("latin-1")).decode("latin-1")
+
+
+def _accession(title: bytes) -> bytes:
     match = _UNIPROT_FASTA_ID.match(title)
     if match:
         return match.group(1)
     words = title.split(None, 1)
-    return words[0] if words else ""
+    return words[0] if words else b""
+
+
+def fasta_records(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """Lists of whole FASTA records (``title\nsequence lines``, the ``>`` removed), block by block.
+
+    Text before the first ``>`` is skipped (as Biopython does); a record cut by a chunk
+    boundary waits for the next chunk, so memory is one chunk plus the longest record.
+    """
+    carry = b""
+    started = False  # whether the first ">" line has been seen; carry then starts with ">"
+    for chunk in chunks:
+        buffer = carry + bytes(chunk)
+        if not started:
+            first = 0 if buffer.startswith(b">") else buffer.find(b"\n>") + 1
+            if first == 0 and not buffer.startswith(b">"):
+                carry = buffer[-1:]  # a "\n" that a ">" in the next chunk may follow
+                continue
+            buffer, started = buffer[first:], True
+        last = buffer.rfind(b"\n>")
+        if last < 0:
+            carry = buffer
+            continue
+        yield buffer[1:last].split(b"\n>")
+        carry = buffer[last + 1 :]
+    if started and carry:
+        yield carry[1:].split(b"\n>")
 
 
 def iter_fasta_batches(
@@ -284,37 +318,39 @@ def iter_fasta_batches(
     source: str = "<fasta>",
     max_records: int | None = None,
 ) -> Iterator[RecordBatch]:
-    """Batches of FASTA records read with Biopython's ``SimpleFastaParser``.
+    """Batches of FASTA records (see :func:`fasta_records`), at most ``max_records`` in all.
 
     A record is held out when its accession (or, for an isoform ``P12345-2``, ``P12345``) is in
     ``held_out_accessions`` (from a Pfam mapping, see :func:`load_held_out_accessions`).
     Raises :class:`FormatError` for a record without sequence, naming the file and the record.
     """
-    from Bio.SeqIO.FastaIO import SimpleFastaParser
-
-    text = io.TextIOWrapper(io.BufferedReader(ChunkReader(chunks), 1 << 20), encoding="latin-1")
     accessions: list[bytes] = []
     sequences: list[bytes] = []
     flagged: list[int] = []
-    residues = 0
-    for index, (title, sequence) in enumerate(SimpleFastaParser(text)):
+    residues, index = 0, 0
+    for records in fasta_records(chunks):
+        for record in records:
+            if index == max_records:
+                break
+            index += 1
+            title, _, lines = record.partition(b"\n")
+            accession = _accession(title)
+            sequence = lines.translate(_TOKEN_TABLE, _SEQUENCE_WHITESPACE)
+            if not sequence:
+                name = accession.decode("latin-1") or repr(title.rstrip().decode("latin-1"))
+                raise FormatError(f"{source}: record {index} ({name}) has no sequence")
+            if held_out_accessions:
+                text = accession.decode("latin-1")
+                if text in held_out_accessions or text.split("-", 1)[0] in held_out_accessions:
+                    flagged.append(len(accessions))
+            accessions.append(accession)
+            sequences.append(sequence)
+            residues += len(sequence)
+            if residues >= _FASTA_BATCH_RESIDUES:
+                yield _make_batch(accessions, sequences, flagged, None)
+                accessions, sequences, flagged, residues = [], [], [], 0
         if index == max_records:
             break
-        accession = fasta_accession(title)
-        if not sequence:
-            raise FormatError(
-                f"{source}: record {index + 1} ({accession or repr(title)}) has no sequence"
-            )
-        if held_out_accessions and (
-            accession in held_out_accessions or accession.split("-", 1)[0] in held_out_accessions
-        ):
-            flagged.append(len(accessions))
-        accessions.append(accession.encode())
-        sequences.append(sequence.encode("latin-1").translate(_TOKEN_TABLE))
-        residues += len(sequence)
-        if residues >= _FASTA_BATCH_RESIDUES:
-            yield _make_batch(accessions, sequences, flagged, None)
-            accessions, sequences, flagged, residues = [], [], [], 0
     if accessions:
         yield _make_batch(accessions, sequences, flagged, None)
 
