@@ -66,10 +66,9 @@ def build_attention(implementation: str, causal: bool, head_dim: int, num_featur
 def run_worker(args: argparse.Namespace) -> dict:
     """Measure one configuration in this process; returns the measurement as a dict."""
     if args.tune_allocator:
-        from protperf.runtime import flush_denormals, tune_cpu_allocator
+        from protperf.runtime import tune_process
 
-        tune_cpu_allocator()
-        flush_denormals()
+        tune_process()
     import torch
 
     torch.manual_seed(0)

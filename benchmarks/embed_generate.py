@@ -243,10 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         working_memory_worker(args)
         return 0
 
-    from protperf.runtime import flush_denormals, tune_cpu_allocator
+    from protperf.runtime import tune_process
 
-    tune_cpu_allocator()  # as the protperf command does, before torch is imported
-    flush_denormals()
+    tune_process()  # as the protperf command does, before torch is imported
     import torch
 
     from protperf.export import export_model

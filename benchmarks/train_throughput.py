@@ -53,11 +53,10 @@ def _peak_rss_gb() -> float:
 def _tune_allocator() -> None:
     """The same process-level settings (allocator, flush-to-zero) for every contender."""
     try:
-        from protperf.runtime import flush_denormals, tune_cpu_allocator
+        from protperf.runtime import tune_process
     except ImportError:
         return
-    tune_cpu_allocator()
-    flush_denormals()
+    tune_process()
 
 
 def _return_values_module():

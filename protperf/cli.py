@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from protperf import __version__
-from protperf.runtime import flush_denormals, tune_cpu_allocator
+from protperf.runtime import tune_process
 
 #: verb -> (module, one-line summary). A verb joins this table when its issue lands.
 VERBS: dict[str, tuple[str, str]] = {
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"protperf: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    tune_cpu_allocator()  # before torch is imported: see protperf/runtime.py
-    if verb in MODEL_VERBS:
-        flush_denormals()  # before torch starts its threads: see protperf/runtime.py
+    tune_process(runs_models=verb in MODEL_VERBS)  # before torch: see protperf/runtime.py
     module = importlib.import_module(VERBS[verb][0])
     status = module.main(rest)
     return int(status or 0)

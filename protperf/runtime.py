@@ -13,7 +13,7 @@ system quickly, so the next tensor of the same size is page-faulted in again, wh
   models (whose activations exceed 32 MB), at the price of a higher peak RSS from fragmentation
   (measured in the README's training benchmark).
 
-The CLI and the benchmarks call :func:`tune_cpu_allocator` once at start-up (benchmarks for every
+The CLI and the benchmarks call :func:`tune_process` once at start-up (benchmarks for every
 contender alike). ``PROTPERF_TUNE_ALLOCATOR=0|default|aggressive`` chooses (default: default).
 This is Intel's advice for PyTorch on CPUs (jemalloc/tcmalloc) without an extra library.
 
@@ -85,3 +85,11 @@ def flush_denormals() -> bool:
     import torch
 
     return bool(torch.set_flush_denormal(True))
+
+
+def tune_process(*, runs_models: bool = True) -> None:
+    """The ``protperf`` command's process settings: the allocator, and flush-to-zero when the
+    process runs models (it imports torch). Call it before torch is imported or used."""
+    tune_cpu_allocator()
+    if runs_models:
+        flush_denormals()

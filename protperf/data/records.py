@@ -296,11 +296,13 @@ def fasta_records(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
     for chunk in chunks:
         buffer = carry + bytes(chunk)
         if not started:
-            first = 0 if buffer.startswith(b">") else buffer.find(b"\n>") + 1
-            if first == 0 and not buffer.startswith(b">"):
-                carry = buffer[-1:]  # a "\n" that a ">" in the next chunk may follow
-                continue
-            buffer, started = buffer[first:], True
+            if not buffer.startswith(b">"):
+                first = buffer.find(b"\n>")
+                if first < 0:
+                    carry = buffer[-1:]  # a "\n" that a ">" in the next chunk may follow
+                    continue
+                buffer = buffer[first + 1 :]
+            started = True
         last = buffer.rfind(b"\n>")
         if last < 0:
             carry = buffer
