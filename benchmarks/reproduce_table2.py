@@ -320,6 +320,7 @@ def single_train_argv(args: argparse.Namespace, data: Path, mode: str, kernel: s
             ("model.max_length", args.max_length),
             ("model.num_features", args.num_features),
             ("model.local_conv", args.local_conv),
+            ("redraw_until", args.redraw_until if kernel == "softmax" else None),
             ("optim.lr", args.lr),
             ("optim.warmup_steps", args.warmup),
             ("loader.batch_size", args.batch_size),
@@ -825,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("log-every", int),
     ):  # fmt: skip
         runs.add_argument(f"--{name}", type=kind, default=None)
+    runs.add_argument("--redraw-until", type=int, default=None,
+                      help="redraw_until of the FAVOR+ softmax runs, the only kernel with random "
+                      "features (default: the config's, 0 = redraw to the end)")  # fmt: skip
     runs.add_argument("--local-conv", type=int, default=None,
                       help="model.local_conv of the Table 2 runs (default: the config's, 0)")  # fmt: skip
     runs.add_argument("--train-arg", action="append", default=[], metavar="ARG",

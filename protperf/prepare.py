@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import inspect
 import json
 import re
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -339,71 +342,71 @@ def _read_pfam_map(spec: str, families: list[str], retries: int, retry_wait: flo
         source.close()
 
 
-#: Options that take several values (``--source a b``), and the flags (``--quiet``).
-_LIST_OPTIONS = {"source", "ood_source", "ood_families"}
-_FLAGS = {"overwrite", "quiet"}
+def _option_help(function) -> dict[str, str]:
+    """``name -> text`` from the ``Args:`` section of ``function``'s docstring."""
+    section = (function.__doc__ or "").split("\n    Args:\n", 1)[-1].split("\n\n", 1)[0]
+    found = re.findall(r"^        (\w+): (.*?)(?=^        \w+: |\Z)", section, re.M | re.S)
+    return {name: " ".join(text.split()) for name, text in found}
 
 
-def _normalize_argv(argv: list[str]) -> list[str]:
-    """Accept ``--max-sequences`` for ``--max_sequences``, bare flags and space-separated lists.
+def _list_values(values: list[str]) -> list[str]:
+    """Several values (``--source a b``), or one JSON list (``--source '["a", "b"]'``)."""
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        try:
+            parsed = json.loads(values[0])
+        except json.JSONDecodeError as error:
+            raise DataError(f"not a JSON list: {values[0]!r} ({error.msg})") from error
+        return [str(value) for value in parsed]
+    return values
 
-    jsonargparse wants ``--quiet true`` and JSON lists; the usual command-line forms are turned
-    into those before parsing.
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of :func:`prepare_data`: one option per parameter, its docstring the help.
+
+    Plain argparse (not jsonargparse, which the training command uses for its YAML configs):
+    prepare-data has no config file, and the parser starts in a few milliseconds.
     """
-    result: list[str] = []
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        index += 1
-        if not arg.startswith("--") or arg == "--":
-            result.append(arg)
-            continue
-        name, equals, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if equals:
-            result.append(f"--{name}={value}")
-            continue
-        if name in _FLAGS and (index >= len(argv) or argv[index].lower() not in ("true", "false")):
-            result.append(f"--{name}=true")
-            continue
-        if name in _LIST_OPTIONS:
-            values = []
-            while index < len(argv) and not argv[index].startswith("--"):
-                values.append(argv[index])
-                index += 1
-            if len(values) == 1 and values[0].startswith("["):
-                result.append(f"--{name}={values[0]}")
-            else:
-                result.append(f"--{name}={json.dumps(values)}")
-            continue
-        result.append(f"--{name}")
-    return result
-
-
-def build_parser():
-    """The jsonargparse parser of :func:`prepare_data` (its docstring is the help)."""
-    from jsonargparse import ArgumentParser
-
-    summary = (prepare_data.__doc__ or "").split("\n    Args:")[0]
-    parser = ArgumentParser(
+    hints = typing.get_type_hints(prepare_data)
+    helps = _option_help(prepare_data)
+    parser = argparse.ArgumentParser(
         prog="protperf prepare-data",
         allow_abbrev=False,
-        description=summary,
+        description=inspect.cleandoc((prepare_data.__doc__ or "").split("\n    Args:")[0]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Options accept --max-sequences or --max_sequences; list options take several "
         "values (--source a.fasta b.fasta) or a JSON list.",
     )
-    parser.add_function_arguments(prepare_data, as_group=False)
+    for name, parameter in inspect.signature(prepare_data).parameters.items():
+        kind = hints[name]
+        options: dict = {"dest": name, "default": parameter.default, "help": helps.get(name)}
+        if typing.get_origin(kind) is not Literal:  # X | None -> X
+            kind = next(a for a in typing.get_args(kind) or [kind] if a is not type(None))
+        if kind is bool:
+            options["action"] = "store_true"
+        elif typing.get_origin(kind) is list:
+            options.update(nargs="+", metavar=name.upper())
+        elif typing.get_origin(kind) is Literal:
+            options["choices"] = typing.get_args(kind)
+        else:
+            options.update(type=kind, metavar=name.upper())
+        if parameter.default not in (None, False):
+            default = parameter.default
+            shown = f"{default:.3g}" if isinstance(default, float) else default
+            options["help"] = f"{options['help']} (default: {shown})"
+        parser.add_argument(f"--{name.replace('_', '-')}", **options)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``protperf prepare-data``; returns the exit status (1 on a data error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    options = parser.parse_args(_normalize_argv(argv))
-    kwargs = {key: value for key, value in vars(options).items() if not key.startswith("__")}
-    kwargs.pop("config", None)
+    # --max_sequences is read as --max-sequences (the spelling of the YAML keys and of train)
+    argv = [re.sub(r"^--\w+", lambda m: m[0].replace("_", "-"), arg) for arg in argv]
+    kwargs = vars(build_parser().parse_args(argv))
     try:
+        for name in ("source", "ood_source", "ood_families"):
+            if kwargs[name] is not None:
+                kwargs[name] = _list_values(kwargs[name])
         manifest = prepare_data(**kwargs)
     except DataError as error:
         print(f"protperf prepare-data: error: {error}", file=sys.stderr)

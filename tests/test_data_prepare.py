@@ -240,6 +240,27 @@ def test_existing_output_is_not_overwritten_silently(uniprot_dat_dir, capsys, tm
     assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
 
 
+def test_option_spellings(uniprot_dat_dir, capsys, tmp_path):
+    """Lists as several values or one JSON list; --max_sequences reads as --max-sequences; a
+    bad JSON list and an abbreviated option are refused."""
+    dats = [str(uniprot_dat_dir / name) for name in DAT_FILES[:2]]
+    spaced, listed = tmp_path / "spaced", tmp_path / "listed"
+    assert run(["--source", *dats, "--out", str(spaced), "--quiet"], capsys)[0] == 0
+    argv = ["--source", json.dumps(dats), "--out", str(listed), "--max_sequences", "7"]
+    assert run([*argv, "--quiet"], capsys)[0] == 0
+    spaced_manifest = json.loads((spaced / "manifest.json").read_text())
+    listed_manifest = json.loads((listed / "manifest.json").read_text())
+    assert [entry["url"] for entry in spaced_manifest["sources"]] == dats
+    assert listed_manifest["sources"][0]["url"] == dats[0]
+    assert listed_manifest["max_sequences"] == listed_manifest["records_read"] == 7
+    status, _, err = run(["--source", '["a.dat", ', "--out", str(tmp_path / "x")], capsys)
+    assert status == 1 and "not a JSON list" in err and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", dats[0], "--out", str(tmp_path / "y"), "--max-seq", "3"])
+    assert exit_info.value.code == 2 and not (tmp_path / "y").exists()
+    assert "unrecognized arguments: --max-seq" in capsys.readouterr().err
+
+
 def test_an_output_moved_aside_by_a_killed_run_is_put_back(uniprot_dat_dir, capsys, tmp_path):
     """A run with --overwrite killed between moving the earlier output aside and renaming its
     own into place leaves ``.out.<pid>.old`` and no ``out``: the next run restores it first."""

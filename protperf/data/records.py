@@ -95,7 +95,7 @@ def record_spans(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, int, int]]:
     the scanner. Leading blank lines are dropped; Windows line ends are converted.
     """
     separator = b"\n//\n"
-    carry = b""
+    pending: list[bytes] = []  # a record cut by chunk boundaries, in pieces (joined once)
     first, crlf = True, False
     for chunk in chunks:
         chunk = bytes(chunk)
@@ -105,26 +105,31 @@ def record_spans(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, int, int]]:
             first = not chunk
         if crlf:
             chunk = chunk.replace(b"\r", b"")
+        if not chunk:
+            continue
         start = 0
-        if carry:
-            bridge = carry[-3:] + chunk[:3]  # a separator may straddle the boundary
+        if pending:
+            tail = b"".join(pending[-3:])[-3:]  # pieces are never empty
+            bridge = tail + chunk[:3]  # a separator may straddle the boundary
             found = bridge.find(separator)
             if found >= 0:
-                start = found + 4 - len(carry[-3:])
+                start = found + 4 - len(tail)
             else:
                 found = chunk.find(separator)
                 if found < 0:
-                    carry += chunk
+                    pending.append(chunk)
                     continue
                 start = found + 4
-            piece = carry + chunk[:start]
+            piece = b"".join([*pending, chunk[:start]])
+            pending = []
             yield piece, 0, len(piece)
         last = chunk.rfind(separator, start)
         if last < 0:
-            carry = chunk[start:]
+            pending = [chunk[start:]] if start < len(chunk) else []
             continue
         yield chunk, start, last + 4
-        carry = chunk[last + 4 :]
+        pending = [chunk[last + 4 :]] if last + 4 < len(chunk) else []
+    carry = b"".join(pending)
     if carry.endswith(b"\n//"):
         carry += b"\n"
     if carry.strip():
@@ -289,28 +294,38 @@ def fasta_records(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
     """Lists of whole FASTA records (``title\nsequence lines``, the ``>`` removed), block by block.
 
     Text before the first ``>`` is skipped (as Biopython does); a record cut by a chunk
-    boundary waits for the next chunk, so memory is one chunk plus the longest record.
+    boundary waits for the next chunk, so memory is one chunk plus the longest record. Each
+    chunk is searched once, so a record spanning many chunks (a genome) costs linear time.
     """
-    carry = b""
-    started = False  # whether the first ">" line has been seen; carry then starts with ">"
+    pending: list[bytes] = []  # the record(s) not yet complete: starts with ">"
+    skipped = b""  # before the first ">": the last byte, a "\n" that a ">" may follow
     for chunk in chunks:
-        buffer = carry + bytes(chunk)
-        if not started:
+        chunk = bytes(chunk)
+        if not pending:
+            buffer = skipped + chunk
             if not buffer.startswith(b">"):
                 first = buffer.find(b"\n>")
                 if first < 0:
-                    carry = buffer[-1:]  # a "\n" that a ">" in the next chunk may follow
+                    skipped = buffer[-1:]
                     continue
                 buffer = buffer[first + 1 :]
-            started = True
-        last = buffer.rfind(b"\n>")
+            pending = [buffer]
+            chunk = b""  # searched below as part of pending[0]
+            last = buffer.rfind(b"\n>")
+        else:
+            last = chunk.rfind(b"\n>")
+            if last >= 0:
+                last += sum(map(len, pending))
+            elif chunk.startswith(b">") and pending[-1].endswith(b"\n"):
+                last = sum(map(len, pending)) - 1  # the "\n>" straddles the boundary
+        pending.append(chunk)
         if last < 0:
-            carry = buffer
             continue
+        buffer = b"".join(pending)
         yield buffer[1:last].split(b"\n>")
-        carry = buffer[last + 1 :]
-    if started and carry:
-        yield carry[1:].split(b"\n>")
+        pending = [buffer[last + 1 :]]
+    if pending and pending[0]:
+        yield b"".join(pending)[1:].split(b"\n>")
 
 
 def iter_fasta_batches(
