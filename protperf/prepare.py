@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import inspect
 import json
 import re
 import sys
 import threading
 import time
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -342,13 +339,6 @@ def _read_pfam_map(spec: str, families: list[str], retries: int, retry_wait: flo
         source.close()
 
 
-def _option_help(function) -> dict[str, str]:
-    """``name -> text`` from the ``Args:`` section of ``function``'s docstring."""
-    section = (function.__doc__ or "").split("\n    Args:\n", 1)[-1].split("\n\n", 1)[0]
-    found = re.findall(r"^        (\w+): (.*?)(?=^        \w+: |\Z)", section, re.M | re.S)
-    return {name: " ".join(text.split()) for name, text in found}
-
-
 def _list_values(values: list[str]) -> list[str]:
     """Several values (``--source a b``), or one JSON list (``--source '["a", "b"]'``)."""
     if len(values) == 1 and values[0].lstrip().startswith("["):
@@ -360,41 +350,16 @@ def _list_values(values: list[str]) -> list[str]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of :func:`prepare_data`: one option per parameter, its docstring the help.
+def build_parser():
+    """The parser of :func:`prepare_data`: one option per parameter, its docstring the help."""
+    from protperf.commandline import build_parser as parser_of
 
-    Plain argparse (not jsonargparse, which the training command uses for its YAML configs):
-    prepare-data has no config file, and the parser starts in a few milliseconds.
-    """
-    hints = typing.get_type_hints(prepare_data)
-    helps = _option_help(prepare_data)
-    parser = argparse.ArgumentParser(
+    return parser_of(
+        prepare_data,
         prog="protperf prepare-data",
-        allow_abbrev=False,
-        description=inspect.cleandoc((prepare_data.__doc__ or "").split("\n    Args:")[0]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Options accept --max-sequences or --max_sequences; list options take several "
         "values (--source a.fasta b.fasta) or a JSON list.",
     )
-    for name, parameter in inspect.signature(prepare_data).parameters.items():
-        kind = hints[name]
-        options: dict = {"dest": name, "default": parameter.default, "help": helps.get(name)}
-        if typing.get_origin(kind) is not Literal:  # X | None -> X
-            kind = next(a for a in typing.get_args(kind) or [kind] if a is not type(None))
-        if kind is bool:
-            options["action"] = "store_true"
-        elif typing.get_origin(kind) is list:
-            options.update(nargs="+", metavar=name.upper())
-        elif typing.get_origin(kind) is Literal:
-            options["choices"] = typing.get_args(kind)
-        else:
-            options.update(type=kind, metavar=name.upper())
-        if parameter.default not in (None, False):
-            default = parameter.default
-            shown = f"{default:.3g}" if isinstance(default, float) else default
-            options["help"] = f"{options['help']} (default: {shown})"
-        parser.add_argument(f"--{name.replace('_', '-')}", **options)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

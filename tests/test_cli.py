@@ -45,9 +45,9 @@ ABBREVIATED = {
     "prepare-data": ["--max-seq", "5"],
     "train": ["--bidir"],
     "plot": ["runs/x", "--ou", "x.png"],
-    "embed": ["x.fasta", "--per-res"],
-    "evaluate": ["--form", "json"],
-    "generate": ["--temp", "1.0"],
+    "embed": ["x.fasta", "--model", "m", "--per-res"],
+    "evaluate": ["--model", "m", "--data", "d", "--form", "json"],
+    "generate": ["--model", "m", "--temp", "1.0"],
 }
 
 
