@@ -283,7 +283,7 @@ def prepare(args: argparse.Namespace, runner: Runner) -> tuple[Path, dict]:
     if args.max_sequences is not None:
         argv += ["--max-sequences", args.max_sequences]
     if overwrite:
-        argv += ["--overwrite", "true"]
+        argv += ["--overwrite"]
     status, _, _ = runner(argv, args.out / "logs" / "prepare-data.log")
     if status != 0:
         raise SystemExit(f"prepare-data failed: see {args.out / 'logs' / 'prepare-data.log'}")

@@ -179,3 +179,19 @@ def test_rerun_resumes_an_unfinished_run(smoke, script, capsys):
     assert record["resumed"] is True
     # The first attempt's time up to its last checkpoint, plus the resumed part.
     assert 0.5 * first_wall < record["wall_s"]
+
+
+def test_data_with_other_options_needs_force(script, proteome_dir, tmp_path):
+    """OUT/data made with other options is refused, and prepared again with --force."""
+    out = tmp_path / "out"
+    common = ["--smoke", "--out", str(out), "--proteomes-dir", str(proteome_dir)]
+    runner = script.Runner("in-process")
+    _, first = script.prepare(script.parse_args([*common, "--max-sequences", "300"]), runner)
+    assert first["max_sequences"] == 300
+    other = script.parse_args([*common, "--max-sequences", "200"])
+    with pytest.raises(SystemExit, match="prepared with other options"):
+        script.prepare(other, runner)
+    other.force = True
+    _, second = script.prepare(other, runner)
+    assert second["max_sequences"] == 200 and second["records_read"] < first["records_read"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("data")) == ["data"]
