@@ -454,3 +454,23 @@ def test_softmax_kernel_feeds_no_subnormals_to_matmuls(monkeypatch, causal):
     assert torch.allclose(out.double(), out64, rtol=1e-4, atol=1e-4)
     for grad, grad64 in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert torch.allclose(grad.double(), grad64, rtol=1e-3, atol=1e-3 * grad64.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_flush_exp_is_exp_with_a_floor(dtype):
+    """exp where the exponent is above the dtype's floor, exactly 0 at or below it (never a
+    subnormal), -inf -> 0, NaN stays NaN."""
+    from protperf.favor import DEFAULT_EXP_FLOOR, EXP_FLOOR, flush_exp_
+
+    torch.set_flush_denormal(False)
+    floor = EXP_FLOOR.get(dtype, DEFAULT_EXP_FLOOR)
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.rand(4096, generator=generator, dtype=torch.float64) * 1.5 * floor).to(dtype)
+    x[:3] = torch.tensor([-math.inf, math.nan, 0.0], dtype=dtype)
+    got = flush_exp_(x.clone())
+    expected = x.exp().masked_fill(x <= floor, 0.0)
+    assert torch.isnan(got[1]) and got[0] == 0 and got[2] == 1
+    keep = ~torch.isnan(x)
+    assert torch.equal(got[keep], expected[keep])
+    assert (got[keep] == 0).sum() > 1000 and (got[keep] > 0).sum() > 1000
+    assert not ((got != 0) & (got.abs() < torch.finfo(dtype).tiny)).any()
