@@ -38,22 +38,13 @@ def _docstring(function: Callable[..., Any]) -> tuple[str, dict[str, str]]:
     return description, {param.arg_name: param.description or "" for param in parsed.params}
 
 
-def _sequence_item(hint: Any) -> Any:
-    """X for list[X], tuple[X, ...] and their ``| None``; None for anything else."""
-    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    if typing.get_origin(hint) in (list, tuple):
-        return args[0]
-    if len(args) == 1 and typing.get_origin(args[0]) in (list, tuple):
-        return typing.get_args(args[0])[0]
-    return None
-
-
 def _without_none(hint: Any) -> Any:
-    """X for ``X | None``; the hint itself otherwise."""
-    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    if typing.get_origin(hint) is not Literal and type(None) in typing.get_args(hint):
-        return args[0] if len(args) == 1 else hint
-    return hint
+    """X for ``X | None``; the hint itself otherwise (a Literal's None is one of its values)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal or type(None) not in args:
+        return hint
+    rest = [arg for arg in args if arg is not type(None)]
+    return rest[0] if len(rest) == 1 else hint
 
 
 def build_parser(
@@ -84,8 +75,8 @@ def build_parser(
         kwargs: dict[str, Any] = {"help": helps.get(name, "")}
         if typing.get_origin(hint) is Literal:
             kwargs["choices"] = typing.get_args(hint)
-        elif _sequence_item(hint) is not None:  # list[X] or tuple[X, ...]
-            kwargs.update(type=_sequence_item(hint), nargs="+")
+        elif typing.get_origin(hint) in (list, tuple):  # list[X] or tuple[X, ...]
+            kwargs.update(type=typing.get_args(hint)[0], nargs="+")
         elif hint is not bool:
             kwargs["type"] = hint
         if name in positional:

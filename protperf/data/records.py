@@ -298,6 +298,7 @@ def fasta_records(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
     chunk is searched once, so a record spanning many chunks (a genome) costs linear time.
     """
     pending: list[bytes] = []  # the record(s) not yet complete: starts with ">"
+    held = 0  # bytes in pending
     skipped = b""  # before the first ">": the last byte, a "\n" that a ">" may follow
     for chunk in chunks:
         chunk = bytes(chunk)
@@ -309,21 +310,23 @@ def fasta_records(chunks: Iterable[bytes]) -> Iterator[list[bytes]]:
                     skipped = buffer[-1:]
                     continue
                 buffer = buffer[first + 1 :]
-            pending = [buffer]
-            chunk = b""  # searched below as part of pending[0]
+            pending, held = [], 0
+            chunk = buffer
             last = buffer.rfind(b"\n>")
         else:
             last = chunk.rfind(b"\n>")
             if last >= 0:
-                last += sum(map(len, pending))
+                last += held
             elif chunk.startswith(b">") and pending[-1].endswith(b"\n"):
-                last = sum(map(len, pending)) - 1  # the "\n>" straddles the boundary
+                last = held - 1  # the "\n>" straddles the boundary
         pending.append(chunk)
+        held += len(chunk)
         if last < 0:
             continue
         buffer = b"".join(pending)
         yield buffer[1:last].split(b"\n>")
         pending = [buffer[last + 1 :]]
+        held = len(pending[0])
     if pending and pending[0]:
         yield b"".join(pending)[1:].split(b"\n>")
 
