@@ -183,6 +183,26 @@ def test_malformed_flat_records_name_file_and_record():
     assert "no AC line" in flat_error(b"ID   X\nSQ   SEQUENCE\n     MK\n//\n")
 
 
+def test_record_without_end_line_fails_without_reading_on():
+    """A flat file whose '//' lines are missing fails once a record outgrows the limit, long
+    before the (here endless) stream ends, instead of holding the rest of the file in memory."""
+    pulled = []
+
+    def chunks():
+        yield RECORD + RECORD
+        damaged = RECORD.replace(b"//\n", b"")
+        for _ in range(10_000):
+            pulled.append(1)
+            yield damaged
+
+    batches = iter_flat_batches(chunks(), source="broken.dat", max_record_bytes=5 * len(RECORD))
+    with pytest.raises(FormatError) as error:
+        list(batches)
+    message = str(error.value)
+    assert "broken.dat: record 3 has no '//' line within its first" in message
+    assert 4 <= len(pulled) <= 7  # stopped right after the limit
+
+
 def test_not_fasta_nor_flat_file():
     with pytest.raises(FormatError, match=r"notes\.txt: neither a UniProt flat file"):
         detect_format(b"hello world\n", source="notes.txt")

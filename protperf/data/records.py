@@ -40,6 +40,10 @@ _PFAM_LINE = b"\nDR   Pfam; PF"
 #: Flat-file bytes per batch: several decompressed chunks (about 1 MB each) make one batch.
 _BATCH_BYTES = 8 << 20
 _FASTA_BATCH_RESIDUES = 16 << 20
+#: The most bytes one flat-file record may take before its ``//`` line. UniProt's largest
+#: records (titin and its kin, thousands of FT lines) take a few MB; a file whose ``//`` lines
+#: are missing would otherwise be held in memory whole before the scanner could report it.
+MAX_FLAT_RECORD_BYTES = 64 << 20
 _UNIPROT_FASTA_ID = re.compile(rb"^[A-Za-z0-9_]+\|([^|\s]+)\|")
 _PFAM_ID = re.compile(r"\bPF\d{5}\b")
 
@@ -86,16 +90,26 @@ def detect_format(head: bytes, *, source: str) -> str:
     )
 
 
-def record_spans(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, int, int]]:
+class UnterminatedRecord(Exception):
+    """Raised by :func:`record_spans`: more than ``max_record_bytes`` without a ``//`` line."""
+
+
+def record_spans(
+    chunks: Iterable[bytes], *, max_record_bytes: int | None = None
+) -> Iterator[tuple[bytes, int, int]]:
     """``(buffer, start, end)`` spans of whole flat-file records, without copying the chunks.
 
     ``buffer[start:end]`` holds complete records (``ID`` ... ``//``). Most of each incoming
     chunk is scanned in place; only the record cut by a chunk boundary is copied (the end of
     one chunk joined to the start of the next). The last span is whatever remains, checked by
-    the scanner. Leading blank lines are dropped; Windows line ends are converted.
+    the scanner. Leading blank lines are dropped; Windows line ends are converted. A record
+    still open after ``max_record_bytes`` (default :data:`MAX_FLAT_RECORD_BYTES`) raises
+    :class:`UnterminatedRecord`, so memory stays bounded on a damaged file.
     """
+    limit = MAX_FLAT_RECORD_BYTES if max_record_bytes is None else max_record_bytes
     separator = b"\n//\n"
     pending: list[bytes] = []  # a record cut by chunk boundaries, in pieces (joined once)
+    held = 0  # bytes in pending
     first, crlf = True, False
     for chunk in chunks:
         chunk = bytes(chunk)
@@ -118,6 +132,9 @@ def record_spans(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, int, int]]:
                 found = chunk.find(separator)
                 if found < 0:
                     pending.append(chunk)
+                    held += len(chunk)
+                    if held > limit:
+                        raise UnterminatedRecord(limit)
                     continue
                 start = found + 4
             piece = b"".join([*pending, chunk[:start]])
@@ -126,9 +143,12 @@ def record_spans(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, int, int]]:
         last = chunk.rfind(separator, start)
         if last < 0:
             pending = [chunk[start:]] if start < len(chunk) else []
-            continue
-        yield chunk, start, last + 4
-        pending = [chunk[last + 4 :]] if last + 4 < len(chunk) else []
+        else:
+            yield chunk, start, last + 4
+            pending = [chunk[last + 4 :]] if last + 4 < len(chunk) else []
+        held = len(pending[0]) if pending else 0
+        if held > limit:
+            raise UnterminatedRecord(limit)
     carry = b"".join(pending)
     if carry.endswith(b"\n//"):
         carry += b"\n"
@@ -382,13 +402,25 @@ def iter_flat_batches(
     source: str = "<flat file>",
     collect_pfam: bool = False,
     max_records: int | None = None,
+    max_record_bytes: int | None = None,
 ) -> Iterator[RecordBatch]:
     """Batches of UniProt flat-file records (see :func:`scan_flat_block`), at most
-    ``max_records`` records in all."""
+    ``max_records`` records in all; a record longer than ``max_record_bytes`` (default
+    :data:`MAX_FLAT_RECORD_BYTES`) is an error."""
     held_out = frozenset(family.encode() for family in held_out_families)
     count, scanned = 0, 0
     pending = _Pending(collect_pfam)
-    for block, start, end in record_spans(chunks):
+    spans = record_spans(chunks, max_record_bytes=max_record_bytes)
+    while True:
+        try:
+            block, start, end = next(spans)
+        except StopIteration:
+            break
+        except UnterminatedRecord as error:
+            raise FormatError(
+                f"{source}: record {count + 1} has no '//' line within its first "
+                f"{error.args[0]:,} bytes (a damaged file, or not a UniProt flat file)"
+            ) from None
         left = None if max_records is None else max_records - count
         count += _scan_flat(block, start, end, held_out, pending, source, count, left)
         scanned += end - start
