@@ -146,6 +146,10 @@ def test_concat_runs_differ_only_in_kernel_and_steps(script, tmp_path):
     ]
     single = script.single_train_argv(args, tmp_path / "data", "unidirectional", "exact")
     assert not any("local_conv" in str(a) for a in single)  # the paper's architecture
+    # FAVOR+ softmax keeps its initial features by default; the other kernels have none to redraw
+    assert not any("redraw" in str(a) for a in single)
+    softmax = script.single_train_argv(args, tmp_path / "data", "bidirectional", "softmax")
+    assert "--redraw_until=1" in [str(a) for a in softmax]
     assert script.parse_args(["--out", str(tmp_path), "--modes"]).modes == []
 
 
