@@ -410,25 +410,21 @@ def iter_flat_batches(
     held_out = frozenset(family.encode() for family in held_out_families)
     count, scanned = 0, 0
     pending = _Pending(collect_pfam)
-    spans = record_spans(chunks, max_record_bytes=max_record_bytes)
-    while True:
-        try:
-            block, start, end = next(spans)
-        except StopIteration:
-            break
-        except UnterminatedRecord as error:
-            raise FormatError(
-                f"{source}: record {count + 1} has no '//' line within its first "
-                f"{error.args[0]:,} bytes (a damaged file, or not a UniProt flat file)"
-            ) from None
-        left = None if max_records is None else max_records - count
-        count += _scan_flat(block, start, end, held_out, pending, source, count, left)
-        scanned += end - start
-        if count == max_records:
-            break
-        if scanned >= _BATCH_BYTES:
-            yield pending.batch()
-            pending, scanned = _Pending(collect_pfam), 0
+    try:  # only record_spans raises UnterminatedRecord
+        for block, start, end in record_spans(chunks, max_record_bytes=max_record_bytes):
+            left = None if max_records is None else max_records - count
+            count += _scan_flat(block, start, end, held_out, pending, source, count, left)
+            scanned += end - start
+            if count == max_records:
+                break
+            if scanned >= _BATCH_BYTES:
+                yield pending.batch()
+                pending, scanned = _Pending(collect_pfam), 0
+    except UnterminatedRecord as error:
+        raise FormatError(
+            f"{source}: record {count + 1} has no '//' line within its first "
+            f"{error.args[0]:,} bytes (a damaged file, or not a UniProt flat file)"
+        ) from None
     if pending.accessions:
         yield pending.batch()
 
