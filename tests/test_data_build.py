@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from protperf import tokenizer
+from protperf.data import build as build_module
 from protperf.data.build import (
     OOD,
     SPLITS,
     DatasetBuilder,
     assign_splits,
     concat_order,
+    hash_partitions,
     sequence_hashes,
     write_split,
 )
@@ -116,7 +118,12 @@ def contents(folder) -> dict[str, list[tuple[str, str]]]:
     return result
 
 
-def test_duplicates_ood_wins_and_no_sequence_in_two_splits(tmp_path):
+# Small hash partitions and concat buckets: TrEMBL's memory-bounded path at test size.
+SMALL_PARTS = {"partition_records": 16, "bucket_records": 10}
+
+
+@pytest.mark.parametrize("options", [{}, SMALL_PARTS], ids=["whole", "partitioned"])
+def test_duplicates_ood_wins_and_no_sequence_in_two_splits(tmp_path, options):
     unique = random_sequences(300, seed=1)
     shared = unique[0]
     batches = [
@@ -125,7 +132,7 @@ def test_duplicates_ood_wins_and_no_sequence_in_two_splits(tmp_path):
         batch([shared, unique[1], unique[1]], ["B0", "B1", "B2"], [True, False, False]),
         batch(unique[150:], [f"A{i}" for i in range(150, 300)], [i < 160 for i in range(150, 300)]),
     ]
-    stats = build(tmp_path, batches)
+    stats = build(tmp_path, batches, **options)
     assert stats["records_read"] == 303 and stats["unique_sequences"] == 300
     assert stats["duplicates_dropped"] == 3 and stats["duplicated_sequences"] == 2
     assert stats["duplicates_with_and_without_held_out_family"] == 1
@@ -173,15 +180,55 @@ def test_external_concat_buckets_match_in_memory(tmp_path, monkeypatch):
         return original(self, split, bucket)
 
     monkeypatch.setattr(DatasetBuilder, "_bucket_path", recording)
-    build(tmp_path, items, name="many", seed=7, bucket_tokens=2_000)
+    whole = build(tmp_path, items, name="many", seed=7, bucket_tokens=2_000)
     assert len({bucket for split, bucket in used if split == 0}) > 20  # train: many buckets
+    used.clear()
+    monkeypatch.setattr(build_module, "_JOIN_RECORDS", 7)  # buckets joined 7 records at a time
+    parts = build(tmp_path, items, name="parts", seed=7, **SMALL_PARTS)
+    assert len({bucket for split, bucket in used if split == 0}) > 20  # buckets by records
+    assert parts == whole
     for name in SPLITS:
         one = read_split(tmp_path / "one" / f"{name}.h5")
-        many = read_split(tmp_path / "many" / f"{name}.h5")
-        np.testing.assert_array_equal(one.concat, many.concat)
-        np.testing.assert_array_equal(one.tokens, many.tokens)
+        for other in ("many", "parts"):
+            many = read_split(tmp_path / other / f"{name}.h5")
+            np.testing.assert_array_equal(one.concat, many.concat)
+            np.testing.assert_array_equal(one.tokens, many.tokens)
+            assert one.accessions == many.accessions
         # and both equal the documented definition
         order = concat_order(sequence_hashes(one.tokens, np.diff(one.offsets)), 7)
         stream = joined_in_order(one.tokens, one.offsets, order)
         assert one.concat.size == stream.size // 32 * 32
         np.testing.assert_array_equal(one.concat.reshape(-1), stream[: one.concat.size])
+
+
+def test_hash_partitions_cover_every_record_once_and_keep_equal_hashes_together():
+    rng = np.random.default_rng(5)
+    hashes = rng.integers(0, 2**64 - 1, 100_000, dtype=np.uint64, endpoint=True)
+    hashes[50_000:60_000] = hashes[:10_000]  # 10,000 repeated hashes
+    parts = list(hash_partitions(hashes, 4_096))
+    assert len(parts) == 32  # 2**ceil(log2(100,000 / 4,096))
+    part_of = np.full(len(hashes), -1)
+    for number, members in enumerate(parts):
+        assert (np.diff(members) > 0).all()  # ascending: input order within a partition
+        assert (part_of[members] == -1).all()
+        part_of[members] = number
+        assert len(members) < 4_096
+    assert (part_of >= 0).all()
+    np.testing.assert_array_equal(part_of[50_000:60_000], part_of[:10_000])
+    assert list(hash_partitions(hashes, len(hashes))) == [slice(None)]
+
+
+def test_pass_two_raises_the_open_file_limit_for_many_buckets(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        sequences = random_sequences(400, seed=9)
+        stats = build(tmp_path, [batch(sequences, [f"R{i}" for i in range(400)])], bucket_records=2)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 64  # ~150 train buckets open
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert stats["unique_sequences"] == 400
+    found = contents(tmp_path / "out")
+    assert sorted(seq for items in found.values() for _, seq in items) == sorted(sequences)

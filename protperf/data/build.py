@@ -6,8 +6,9 @@ Pass 1, :meth:`DatasetBuilder.add`, while the download streams: each batch's tok
 accessions are appended to spill files, and per record only 13 bytes stay: a 64-bit xxh3 hash
 of the token ids, the length (uint32) and the held-out flag, also spilled to files.
 
-Between the passes, on those arrays alone (at most about 35 bytes per record during the sort:
-about 5 GB for TrEMBL's 139 M records; the benchmark's 60 k records need 270 MB in all):
+Between the passes, on those arrays alone, in hash partitions of at most ``partition_records``
+records (sequences that could be equal share a partition: the sort's order and temporaries stay
+at a few hundred MB whatever the record count):
 
 - *dedupe*: a stable sort by (hash, length, not held-out) groups equal sequences; the first of
   each group is kept, so a sequence that appears with and without a held-out Pfam family is
@@ -22,15 +23,20 @@ about 5 GB for TrEMBL's 139 M records; the benchmark's 60 k records need 270 MB 
 
 Pass 2 reads the spill once, in input order: each split's sequences go to its HDF5 file (input
 order), and to the split's *buckets*: the concat order is cut into ranges of the shuffle key
-holding about ``bucket_tokens`` tokens each, each spilled to its own file (a split smaller than
-that is one bucket, kept in memory). Each bucket is then read back, put in key order, joined
-with ``<eos>`` and cut into ``concat`` rows: an external shuffle whose memory is one bucket.
+holding about ``bucket_tokens`` tokens and at most about ``bucket_records`` records each, each
+spilled to its own file (a split smaller than that is one bucket, kept in memory). Each bucket
+is then read back, put in key order, joined with ``<eos>`` and cut into ``concat`` rows: an
+external shuffle whose memory is one bucket. Every per-record array is transformed slice by
+slice, never copied whole. Peak memory, measured (``benchmarks/prepare_memory.py``): about 21
+bytes per record (shuffle keys, lengths, labels, the largest split's member indices and bucket
+numbers) plus a fixed few hundred MB and one bucket: 2.96 GB for 139 M records, about 3.3 GB
+with TrEMBL's full-size buckets.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +55,16 @@ from protperf.durable import sync_parent, sync_tree
 TRAIN, VALID, TEST, OOD = range(4)
 DROPPED = 255
 DEFAULT_BUCKET_TOKENS = 256 << 20
+#: At most this many records per concat bucket: joining a bucket makes a Python bytes object per
+#: record (about 150 bytes each with its offsets), 150 MB at this size.
+DEFAULT_BUCKET_RECORDS = 1 << 20
+#: Dedupe and split in hash partitions of at most this many records (about 70 bytes per record
+#: of sort order and temporaries: 300 MB).
+DEFAULT_PARTITION_RECORDS = 1 << 22
+#: Records per piece when a concat bucket is joined in shuffled order (about 25 MB of TrEMBL).
+_JOIN_RECORDS = 1 << 16
+#: Records per slice when a per-record array is transformed (hashes -> keys -> bucket ids).
+_SLICE = 1 << 20
 _EOS = bytes([tokenizer.EOS])
 
 
@@ -72,10 +88,19 @@ def _splitmix64(values: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def concat_keys(hashes: np.ndarray, seed: int) -> np.ndarray:
-    """Seeded shuffle keys (uint64) of sequences given their hashes; concat order sorts them."""
+def concat_keys(hashes: np.ndarray, seed: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Seeded shuffle keys (uint64) of sequences given their hashes; concat order sorts them.
+
+    Computed slice by slice (no full-size temporaries); ``out`` (uint64, may be ``hashes``
+    itself) receives them.
+    """
     salt = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    return _splitmix64(hashes.astype(np.uint64) ^ salt)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    keys = np.empty(len(hashes), dtype=np.uint64) if out is None else out
+    for start in range(0, len(hashes), _SLICE):
+        window = slice(start, start + _SLICE)
+        keys[window] = _splitmix64(hashes[window] ^ salt)
+    return keys
 
 
 def concat_order(hashes: np.ndarray, seed: int) -> np.ndarray:
@@ -114,15 +139,21 @@ def build_concat_chunks(
 
 
 def _join_sequences(
-    tokens: np.ndarray | bytes, lengths: np.ndarray, select: np.ndarray, separator: bytes | None
+    tokens: np.ndarray | bytes,
+    lengths: np.ndarray,
+    select: np.ndarray,
+    separator: bytes | None,
+    *,
+    ends: np.ndarray | None = None,
 ) -> bytes:
     """Tokens of sequences ``select`` (indices into ``lengths``) joined, each followed by
-    ``separator``; without separator, runs of consecutive indices are copied in one piece."""
+    ``separator``; without separator, runs of consecutive indices are copied in one piece.
+    ``ends``: ``np.cumsum(lengths)`` when the caller has it (joins a group at a time)."""
     if not len(select):
         return b""
     # Slicing bytes copies small pieces faster than making memoryviews of them.
     view = tokens if isinstance(tokens, bytes) else memoryview(np.ascontiguousarray(tokens))
-    ends = np.cumsum(lengths)
+    ends = np.cumsum(lengths) if ends is None else ends
     starts = ends - lengths
     select = np.asarray(select, dtype=np.int64)
     if separator:
@@ -158,17 +189,84 @@ class ConcatChunker:
         return np.frombuffer(data, dtype=np.uint8, count=cut).reshape(rows, self.concat_length)
 
 
-def length_stats(lengths: np.ndarray) -> dict[str, float | int]:
-    """Table-1-style statistics of sequence lengths: count, min, max, mean, median."""
+def length_stats(lengths: np.ndarray, *, overwrite: bool = False) -> dict[str, float | int]:
+    """Table-1-style statistics of sequence lengths: count, min, max, mean, median.
+
+    ``overwrite``: ``lengths`` is a scratch copy that the median may reorder (saves a copy).
+    """
     if not len(lengths):
         return {"count": 0, "min": 0, "max": 0, "mean": 0.0, "median": 0.0}
     return {
         "count": len(lengths),
         "min": int(lengths.min()),
         "max": int(lengths.max()),
-        "mean": round(float(lengths.mean()), 2),
-        "median": float(np.median(lengths)),
+        "mean": round(float(lengths.mean(dtype=np.float64)), 2),
+        "median": float(np.median(lengths, overwrite_input=overwrite)),
     }
+
+
+def split_totals(labels: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences and tokens per split (int64 (4,) each), slice by slice (no full-size copies)."""
+    counts = np.zeros(len(SPLITS), dtype=np.int64)
+    tokens = np.zeros(len(SPLITS), dtype=np.int64)
+    for start in range(0, len(labels), _SLICE):
+        window = labels[start : start + _SLICE]
+        counts += np.bincount(window, minlength=DROPPED + 1)[: len(SPLITS)]
+        weights = lengths[start : start + _SLICE]
+        sums = np.bincount(window, weights=weights, minlength=DROPPED + 1)[: len(SPLITS)]
+        tokens += sums.astype(np.int64)
+    return counts, tokens
+
+
+def hash_partitions(hashes: np.ndarray, max_records: int) -> Iterator[slice | np.ndarray]:
+    """Index sets (ascending) that partition the records by the top bits of their hashes, each
+    of about ``max_records`` records or fewer: records with equal hashes share one. A single
+    ``slice(None)`` when all fit in one."""
+    if len(hashes) <= max_records:
+        yield slice(None)
+        return
+    bits = min(16, math.ceil(math.log2(len(hashes) / max_records)))
+    top = np.empty(len(hashes), dtype=np.uint8 if bits <= 8 else np.uint16)
+    for start in range(0, len(hashes), _SLICE):
+        window = slice(start, start + _SLICE)
+        top[window] = hashes[window] >> np.uint64(64 - bits)
+    for part in range(1 << bits):
+        yield np.flatnonzero(top == part)
+
+
+def dedupe_and_split(
+    hashes: np.ndarray,
+    lengths: np.ndarray,
+    held: np.ndarray,
+    valid_fraction: float,
+    test_fraction: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (uint8 (n,): a split, or DROPPED for a duplicate) of records in input order.
+
+    Records with equal (hash, length) are one sequence; the first held-out copy is kept if there
+    is one, else the first copy. Also returns the counts (duplicates dropped, duplicated
+    sequences, sequences seen with and without a held-out family) as int64 (3,).
+    """
+    count = len(hashes)
+    order = np.lexsort((~held, lengths, hashes))
+    sorted_hashes, sorted_lengths = hashes[order], lengths[order]
+    first = np.ones(count, dtype=bool)
+    first[1:] = (sorted_hashes[1:] != sorted_hashes[:-1]) | (
+        sorted_lengths[1:] != sorted_lengths[:-1]
+    )
+    del sorted_hashes, sorted_lengths
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, count))
+    keep = order[first]
+    # The first of a group is held out if any copy is (held-out copies sort first).
+    mixed = 0
+    if count:
+        not_held_sorted = ~held[order]
+        mixed = int((held[keep] & np.logical_or.reduceat(not_held_sorted, starts)).sum())
+    del order, first
+    labels = np.full(count, DROPPED, dtype=np.uint8)
+    labels[keep] = assign_splits(hashes[keep], held[keep], valid_fraction, test_fraction)
+    return labels, np.array([count - len(keep), int((sizes > 1).sum()), mixed], dtype=np.int64)
 
 
 class DatasetBuilder:
@@ -188,6 +286,8 @@ class DatasetBuilder:
         seed: int = 0,
         compression: str = "none",
         bucket_tokens: int = DEFAULT_BUCKET_TOKENS,
+        bucket_records: int = DEFAULT_BUCKET_RECORDS,
+        partition_records: int = DEFAULT_PARTITION_RECORDS,
     ) -> None:
         assign_splits(np.zeros(0, np.uint64), np.zeros(0, bool), valid_fraction, test_fraction)
         if concat_length < 1:
@@ -200,6 +300,8 @@ class DatasetBuilder:
         self.seed = seed
         self.compression = compression
         self.bucket_tokens = bucket_tokens
+        self.bucket_records = bucket_records
+        self.partition_records = partition_records
         self._files = {
             name: open(self.workdir / name, "wb")  # noqa: SIM115 - closed in finish()
             for name in ("tokens.u8", "accessions.txt", "hashes.u64", "lengths.u32", "held.u8")
@@ -243,14 +345,16 @@ class DatasetBuilder:
             handle.close()
         hashes = np.fromfile(self.workdir / "hashes.u64", dtype=np.uint64)
         lengths = np.fromfile(self.workdir / "lengths.u32", dtype=np.uint32)
-        held = np.fromfile(self.workdir / "held.u8", dtype=np.uint8).astype(bool)
-        labels, duplicates = self._dedupe_and_split(hashes, lengths, held)
-        keys = concat_keys(hashes, self.seed)
-        del hashes, held
-        counts = np.bincount(labels[labels != DROPPED], minlength=len(SPLITS))
-        token_counts = np.bincount(labels, weights=lengths, minlength=DROPPED + 1)[: len(SPLITS)]
+        labels, duplicates = self._dedupe_and_split(hashes, lengths)
+        keys = concat_keys(hashes, self.seed, out=hashes)  # in place: the hashes are done
+        del hashes
+        counts, token_counts = split_totals(labels, lengths)
         buckets = [
-            max(1, math.ceil((token_counts[s] + counts[s]) / self.bucket_tokens))
+            max(
+                1,
+                math.ceil((token_counts[s] + counts[s]) / self.bucket_tokens),
+                math.ceil(counts[s] / self.bucket_records),
+            )
             for s in range(len(SPLITS))
         ]
         writers = [
@@ -280,7 +384,7 @@ class DatasetBuilder:
                 "sequences": writer.num_sequences,
                 "tokens": writer.num_tokens,
                 "concat_chunks": writer.concat_chunks,
-                "lengths": length_stats(lengths[labels == split]),
+                "lengths": length_stats(lengths[labels == split], overwrite=True),
             }
         return {
             "records_read": self.records,
@@ -288,42 +392,37 @@ class DatasetBuilder:
             "unknown_residues_mapped_to_x": self.unknown,
             **duplicates,
             "unique_sequences": int(counts.sum()),
-            "lengths": length_stats(lengths[labels != DROPPED]),
+            "lengths": length_stats(lengths[labels != DROPPED], overwrite=True),
             "splits": splits,
         }
 
-    def _dedupe_and_split(
-        self, hashes: np.ndarray, lengths: np.ndarray, held: np.ndarray
-    ) -> tuple[np.ndarray, dict]:
-        count = len(hashes)
-        order = np.lexsort((~held, lengths, hashes))
-        sorted_hashes, sorted_lengths = hashes[order], lengths[order]
-        first = np.ones(count, dtype=bool)
-        first[1:] = (sorted_hashes[1:] != sorted_hashes[:-1]) | (
-            sorted_lengths[1:] != sorted_lengths[:-1]
-        )
-        del sorted_hashes, sorted_lengths
-        starts = np.flatnonzero(first)
-        sizes = np.diff(np.append(starts, count))
-        keep = order[first]
-        # The first of a group is held out if any copy is (held-out copies sort first).
-        mixed = 0
-        if count:
-            not_held_sorted = ~held[order]
-            mixed = int((held[keep] & np.logical_or.reduceat(not_held_sorted, starts)).sum())
-        del order, first
-        labels = np.full(count, DROPPED, dtype=np.uint8)
-        labels[keep] = assign_splits(
-            hashes[keep], held[keep], self.valid_fraction, self.test_fraction
-        )
+    def _dedupe_and_split(self, hashes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, dict]:
+        """:func:`dedupe_and_split` over hash partitions: labels (uint8 (n,)) and the counts."""
+        held = np.fromfile(self.workdir / "held.u8", dtype=np.uint8).view(bool)
+        labels = np.empty(len(hashes), dtype=np.uint8)
+        totals = np.zeros(3, dtype=np.int64)
+        for members in hash_partitions(hashes, self.partition_records):
+            labels[members], counts = dedupe_and_split(
+                hashes[members], lengths[members], held[members],
+                self.valid_fraction, self.test_fraction,
+            )  # fmt: skip
+            totals += counts
+        dropped, duplicated, mixed = totals.tolist()
         return labels, {
-            "duplicates_dropped": int(count - len(keep)),
-            "duplicated_sequences": int((sizes > 1).sum()),
+            "duplicates_dropped": dropped,
+            "duplicated_sequences": duplicated,
             "duplicates_with_and_without_held_out_family": mixed,
         }
 
     def _bucket_of(self, keys: np.ndarray, buckets: int) -> np.ndarray:
-        return (((keys >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)).astype(np.int64)
+        """Concat bucket (uint32) of each shuffle key: ranges of the key, slice by slice."""
+        numbers = np.empty(len(keys), dtype=np.uint32)
+        for start in range(0, len(keys), _SLICE):
+            window = keys[start : start + _SLICE]
+            numbers[start : start + _SLICE] = ((window >> np.uint64(32)) * np.uint64(buckets)) >> (
+                np.uint64(32)
+            )
+        return numbers
 
     def _bucket_path(self, split: int, bucket: int) -> Path:
         return self.workdir / f"concat-{SPLITS[split]}-{bucket}.u8"
@@ -337,6 +436,7 @@ class DatasetBuilder:
         buckets: Sequence[int],
     ) -> None:
         bucket_files: dict[tuple[int, int], object] = {}
+        _allow_open_files(sum(count for count in buckets if count > 1) + 64)
         first = 0
         try:
             with (
@@ -391,13 +491,15 @@ class DatasetBuilder:
         keys: np.ndarray,
         buckets: int,
     ) -> None:
-        members = np.flatnonzero(labels == split)
-        bucket = self._bucket_of(keys[members], buckets)
-        by_bucket = np.argsort(bucket, kind="stable")
-        bounds = np.concatenate(([0], np.cumsum(np.bincount(bucket, minlength=buckets))))
+        members = _members(labels, split)
+        if buckets > 1:
+            bucket = np.empty(len(members), dtype=np.uint16 if buckets <= 1 << 16 else np.uint32)
+            for start in range(0, len(members), _SLICE):
+                window = slice(start, start + _SLICE)
+                bucket[window] = self._bucket_of(keys[members[window]], buckets)
         chunker = ConcatChunker(self.concat_length)
         for number in range(buckets):
-            records = members[by_bucket[bounds[number] : bounds[number + 1]]]
+            records = members if buckets == 1 else members[bucket == number]
             if buckets == 1:
                 data = b"".join(self._in_memory.pop(split, []))
             else:
@@ -407,10 +509,43 @@ class DatasetBuilder:
                 data = path.read_bytes()
                 path.unlink()
             record_lengths = lengths[records].astype(np.int64)
-            if int(record_lengths.sum()) != len(data):
+            ends = np.cumsum(record_lengths)
+            if int(ends[-1] if len(ends) else 0) != len(data):
                 raise RuntimeError(f"bucket {number}: {len(data)} tokens, expected more")
             order = np.argsort(keys[records], kind="stable")
-            writer.append_concat(chunker.feed(_join_sequences(data, record_lengths, order, _EOS)))
+            # Joined a group at a time: the bucket plus a few MB, not two or three copies of it.
+            for start in range(0, len(order), _JOIN_RECORDS):
+                group = order[start : start + _JOIN_RECORDS]
+                joined = _join_sequences(data, record_lengths, group, _EOS, ends=ends)
+                writer.append_concat(chunker.feed(joined))
+
+
+def _allow_open_files(needed: int) -> None:
+    """Raise the soft limit on open files towards ``needed`` (every concat bucket of pass 2 is an
+    open file: a billion records make a thousand), as far as the hard limit allows."""
+    try:
+        import resource  # POSIX only
+    except ImportError:  # pragma: no cover - Windows has no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+
+
+def _members(labels: np.ndarray, split: int) -> np.ndarray:
+    """Indices of the records labelled ``split``, ascending: uint32 while they fit (half the
+    memory of int64 for a split of 100 M records), filled slice by slice."""
+    members = np.empty(
+        int(np.count_nonzero(labels == split)),
+        dtype=np.uint32 if len(labels) <= 1 << 32 else np.int64,
+    )
+    filled = 0
+    for start in range(0, len(labels), _SLICE):
+        found = np.flatnonzero(labels[start : start + _SLICE] == split)
+        members[filled : filled + len(found)] = found + start
+        filled += len(found)
+    return members
 
 
 def _as_tokens(sequence: str | bytes | np.ndarray) -> np.ndarray:
