@@ -50,7 +50,9 @@ def measure(records: int, low: int, high: int, workdir: Path) -> dict:
     """Add ``records`` synthetic records of ``low``..``high - 1`` residues, then finish."""
     from protperf.data.build import DatasetBuilder
     from protperf.data.records import RecordBatch
+    from protperf.runtime import tune_process
 
+    tune_process(runs_models=False)  # the allocator settings `protperf prepare-data` runs with
     rng = np.random.default_rng(0)
     base = _peak_mb()
     builder = DatasetBuilder(workdir / "spill")
