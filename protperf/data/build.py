@@ -36,6 +36,7 @@ with TrEMBL's full-size buckets.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -436,7 +437,7 @@ class DatasetBuilder:
         buckets: Sequence[int],
     ) -> None:
         bucket_files: dict[tuple[int, int], object] = {}
-        _allow_open_files(sum(count for count in buckets if count > 1) + 64)
+        _allow_open_files(sum(count for count in buckets if count > 1))
         first = 0
         try:
             with (
@@ -520,13 +521,18 @@ class DatasetBuilder:
                 writer.append_concat(chunker.feed(joined))
 
 
-def _allow_open_files(needed: int) -> None:
-    """Raise the soft limit on open files towards ``needed`` (every concat bucket of pass 2 is an
-    open file: a billion records make a thousand), as far as the hard limit allows."""
+def _allow_open_files(extra: int) -> None:
+    """Make room for ``extra`` more open files (every concat bucket of pass 2 is one: a billion
+    records make a thousand) by raising the soft limit, as far as the hard limit allows."""
     try:
         import resource  # POSIX only
     except ImportError:  # pragma: no cover - Windows has no such limit to raise
         return
+    try:
+        already = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - not Linux
+        already = 256
+    needed = already + extra + 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
