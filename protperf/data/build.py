@@ -69,6 +69,12 @@ _SLICE = 1 << 20
 _EOS = bytes([tokenizer.EOS])
 
 
+def _windows(count: int) -> Iterator[slice]:
+    """``range(count)`` in slices of ``_SLICE``: per-record arrays are transformed a slice at a
+    time, so that no temporary is ever as large as the array."""
+    return (slice(start, start + _SLICE) for start in range(0, count, _SLICE))
+
+
 def sequence_hashes(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """xxh3-64 of each sequence's token ids: uint64 (n,) for back-to-back ``tokens``."""
     view = memoryview(np.ascontiguousarray(tokens, dtype=np.uint8))
@@ -98,8 +104,7 @@ def concat_keys(hashes: np.ndarray, seed: int, *, out: np.ndarray | None = None)
     salt = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
     hashes = np.asarray(hashes, dtype=np.uint64)
     keys = np.empty(len(hashes), dtype=np.uint64) if out is None else out
-    for start in range(0, len(hashes), _SLICE):
-        window = slice(start, start + _SLICE)
+    for window in _windows(len(hashes)):
         keys[window] = _splitmix64(hashes[window] ^ salt)
     return keys
 
@@ -210,12 +215,10 @@ def split_totals(labels: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, n
     """Sequences and tokens per split (int64 (4,) each), slice by slice (no full-size copies)."""
     counts = np.zeros(len(SPLITS), dtype=np.int64)
     tokens = np.zeros(len(SPLITS), dtype=np.int64)
-    for start in range(0, len(labels), _SLICE):
-        window = labels[start : start + _SLICE]
-        counts += np.bincount(window, minlength=DROPPED + 1)[: len(SPLITS)]
-        weights = lengths[start : start + _SLICE]
-        sums = np.bincount(window, weights=weights, minlength=DROPPED + 1)[: len(SPLITS)]
-        tokens += sums.astype(np.int64)
+    for window in _windows(len(labels)):
+        counts += np.bincount(labels[window], minlength=DROPPED + 1)[: len(SPLITS)]
+        sums = np.bincount(labels[window], weights=lengths[window], minlength=DROPPED + 1)
+        tokens += sums[: len(SPLITS)].astype(np.int64)
     return counts, tokens
 
 
@@ -228,8 +231,7 @@ def hash_partitions(hashes: np.ndarray, max_records: int) -> Iterator[slice | np
         return
     bits = min(16, math.ceil(math.log2(len(hashes) / max_records)))
     top = np.empty(len(hashes), dtype=np.uint8 if bits <= 8 else np.uint16)
-    for start in range(0, len(hashes), _SLICE):
-        window = slice(start, start + _SLICE)
+    for window in _windows(len(hashes)):
         top[window] = hashes[window] >> np.uint64(64 - bits)
     for part in range(1 << bits):
         yield np.flatnonzero(top == part)
@@ -371,7 +373,9 @@ class DatasetBuilder:
         try:
             self._write_sequences(writers, labels, lengths, keys, buckets)
             for split, writer in enumerate(writers):
-                self._write_concat(writer, split, labels, lengths, keys, buckets[split])
+                self._write_concat(
+                    writer, split, int(counts[split]), labels, lengths, keys, buckets[split]
+                )
                 writer.close()
         except BaseException:
             for writer in writers:
@@ -416,14 +420,8 @@ class DatasetBuilder:
         }
 
     def _bucket_of(self, keys: np.ndarray, buckets: int) -> np.ndarray:
-        """Concat bucket (uint32) of each shuffle key: ranges of the key, slice by slice."""
-        numbers = np.empty(len(keys), dtype=np.uint32)
-        for start in range(0, len(keys), _SLICE):
-            window = keys[start : start + _SLICE]
-            numbers[start : start + _SLICE] = ((window >> np.uint64(32)) * np.uint64(buckets)) >> (
-                np.uint64(32)
-            )
-        return numbers
+        """Concat bucket (uint32) of each shuffle key: ``buckets`` equal ranges of the key."""
+        return (((keys >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)).astype(np.uint32)
 
     def _bucket_path(self, split: int, bucket: int) -> Path:
         return self.workdir / f"concat-{SPLITS[split]}-{bucket}.u8"
@@ -487,16 +485,16 @@ class DatasetBuilder:
         self,
         writer: SplitWriter,
         split: int,
+        count: int,
         labels: np.ndarray,
         lengths: np.ndarray,
         keys: np.ndarray,
         buckets: int,
     ) -> None:
-        members = _members(labels, split)
+        members = _members(labels, split, count)
         if buckets > 1:
             bucket = np.empty(len(members), dtype=np.uint16 if buckets <= 1 << 16 else np.uint32)
-            for start in range(0, len(members), _SLICE):
-                window = slice(start, start + _SLICE)
+            for window in _windows(len(members)):
                 bucket[window] = self._bucket_of(keys[members[window]], buckets)
         chunker = ConcatChunker(self.concat_length)
         for number in range(buckets):
@@ -539,17 +537,14 @@ def _allow_open_files(extra: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
 
 
-def _members(labels: np.ndarray, split: int) -> np.ndarray:
-    """Indices of the records labelled ``split``, ascending: uint32 while they fit (half the
-    memory of int64 for a split of 100 M records), filled slice by slice."""
-    members = np.empty(
-        int(np.count_nonzero(labels == split)),
-        dtype=np.uint32 if len(labels) <= 1 << 32 else np.int64,
-    )
+def _members(labels: np.ndarray, split: int, count: int) -> np.ndarray:
+    """Indices of the ``count`` records labelled ``split``, ascending: uint32 while they fit
+    (half the memory of int64 for a split of 100 M records), filled slice by slice."""
+    members = np.empty(count, dtype=np.uint32 if len(labels) <= 1 << 32 else np.int64)
     filled = 0
-    for start in range(0, len(labels), _SLICE):
-        found = np.flatnonzero(labels[start : start + _SLICE] == split)
-        members[filled : filled + len(found)] = found + start
+    for window in _windows(len(labels)):
+        found = np.flatnonzero(labels[window] == split)
+        members[filled : filled + len(found)] = found + window.start
         filled += len(found)
     return members
 
