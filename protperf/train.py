@@ -323,4 +323,19 @@ def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     parser, cfg = parse(argv)
     run(parser, cfg)
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the ``torch.distributed`` process group of a finished multi-process run, if any.
+
+    Call it once every rank is done with collectives. A gloo group left for the interpreter's exit
+    can abort the process there ("terminate called without an active exception", SIGABRT), so a
+    run that trained and exported correctly would exit non-zero. Not called after an exception: a
+    rank that failed while others wait in a collective would hang in the teardown instead.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

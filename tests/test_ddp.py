@@ -33,6 +33,7 @@ WORKER = textwrap.dedent(
     metrics = {k: float(v) for k, v in result.trainer.callback_metrics.items() if "/" in k}
     metrics.update(result.trainer.validate(result.module, datamodule=result.datamodule, verbose=False)[0])
     (out / f"metrics{rank}.json").write_text(json.dumps(metrics))
+    train.close_process_group()  # as `protperf train` does: gloo can abort an exit without it
     """
 )
 
@@ -111,3 +112,17 @@ def test_two_process_ddp_on_cpu(tmp_path, proteome_dir):
         single = _single_process_metrics(module, data, split)
         for key, value in single.items():
             assert ddp[0][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_close_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from protperf.train import close_process_group
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()
+    close_process_group()  # no group: nothing to do, no error
+    assert not dist.is_initialized()
