@@ -16,6 +16,7 @@ what the model consumes.
 
     python benchmarks/train_throughput.py                      # the README table (CPU)
     python benchmarks/train_throughput.py --lengths 8192 --steps 2
+    python benchmarks/train_throughput.py --precision bf16-mixed --float32_matmul_precision medium
     python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --layers 6
 
 Targets (CPU, the issue's): at L = 8,192 the Performer step at most 1.5x (bidirectional) / 1.7x
@@ -78,6 +79,7 @@ def worker(args: argparse.Namespace) -> dict:
     from protperf.model import PerformerConfig, PerformerLM
     from protperf.tokenizer import FIRST_RESIDUE_ID, MASK
 
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)  # as protperf train
     kernel, causal = CONFIGS[args.config]
     config = PerformerConfig(
         dim=args.dim,
@@ -219,6 +221,7 @@ def _run_one(args: argparse.Namespace, config: str, length: int) -> dict:
         "--ff_dim", str(args.ff_dim), "--num_features", str(args.num_features), "--batch", str(args.batch),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--budget_s", str(args.budget_s),
         "--device", args.device, "--precision", args.precision,
+        "--float32_matmul_precision", args.float32_matmul_precision,
     ]  # fmt: skip
     if args.gradient_checkpointing:
         command.append("--gradient_checkpointing")
@@ -262,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1500, help="per configuration")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument(
+        "--float32_matmul_precision",
+        default="high",
+        choices=["highest", "high", "medium"],
+        help="as protperf train's (high: TF32 on CUDA, IEEE float32 on CPUs)",
+    )
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--data", type=Path, default=None, help="prepared data with concat chunks")
     parser.add_argument("--loader_workers", type=int, default=2)
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {args.device}, "
-        f"{args.precision}; model: {args.layers} layers, d {args.dim}, {args.heads} heads, "
+        f"{args.precision}, float32 matmul {args.float32_matmul_precision}; model: {args.layers} layers, d {args.dim}, {args.heads} heads, "
         f"d_ff {args.ff_dim}, m {args.num_features}, batch {args.batch}",
         flush=True,
     )

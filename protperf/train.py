@@ -21,12 +21,14 @@ validation perplexity), export/ (model.safetensors + config.json + tokenizer.jso
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import (
     ActionConfigFile,
@@ -107,6 +109,14 @@ def build_parser(*, concat: bool = False) -> ArgumentParser:
     parser.add_argument("--wandb_project", type=str, default="protperf")
     parser.add_argument(
         "--tensorboard", action=ActionYesNo, default=False, help="TensorBoard logs too"
+    )
+    parser.add_argument(
+        "--float32_matmul_precision",
+        type=Literal["highest", "high", "medium"],
+        default="high",
+        help="torch.set_float32_matmul_precision for the run. high: TF32 tensor cores for "
+        "float32 products on CUDA (FAVOR+ keeps float32 under bf16-mixed), IEEE float32 on "
+        "CPUs; medium: also bfloat16 products on CPUs with AMX; highest: IEEE everywhere",
     )
     parser.add_class_arguments(PerformerConfig, "model", skip={"causal"})
     parser.add_class_arguments(OptimConfig, "optim")
@@ -296,9 +306,10 @@ def run(parser: ArgumentParser, cfg: Namespace) -> TrainResult:
         saved.run_dir, saved.resume = str(run_dir), False
         parser.save(saved, str(run_dir / "config.yaml"), overwrite=True, skip_validation=True)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if cfg.test and datamodule.test_dataloader():
-        trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
+    with float32_matmul_precision(cfg.float32_matmul_precision):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if cfg.test and datamodule.test_dataloader():
+            trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
     # Gathered on every rank (FSDP shards the weights), written by rank 0.
     state_dict = trainer.strategy.lightning_module_state_dict()
     if trainer.is_global_zero:
@@ -313,6 +324,25 @@ def run(parser: ArgumentParser, cfg: Namespace) -> TrainResult:
         except FileNotFoundError:  # nothing logged yet (fewer steps than log_every_n_steps)
             print(f"protperf train: no metrics to plot in {run_dir}", file=sys.stderr)
     return TrainResult(trainer, module, datamodule, run_dir)
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` inside the block, the previous after.
+
+    "high" lets CUDA multiply float32 in TF32 (10-bit mantissa): FAVOR+ runs in float32 even
+    under bf16-mixed, and IEEE float32 products on a GPU run at a fraction of its tensor cores'
+    rate. On a CPU "high" changes nothing; "medium" makes oneDNN multiply float32 in bfloat16
+    (AMX) with float32 results.
+    """
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def main(argv: list[str]) -> int:

@@ -173,3 +173,37 @@ def test_wandb_is_offline_without_credentials(tmp_path, monkeypatch):
     loggers = train.build_loggers(cfg, tmp_path)
     assert [type(logger).__name__ for logger in loggers] == ["CSVLogger", "WandbLogger"]
     assert loggers[1]._wandb_init["mode"] == "offline"
+
+
+def test_bf16_mixed_precision_trains_on_cpu(data, tmp_path, monkeypatch):
+    """bf16-mixed on a CPU (fast on CPUs with AMX): finite losses that fall, float32 weights out.
+
+    FAVOR+ itself runs in float32 under autocast; the linear layers run in bfloat16, and with
+    --float32_matmul_precision=medium FAVOR+'s float32 products too, for the run only.
+    """
+    before = torch.get_float32_matmul_precision()
+    calls: list[str] = []
+    setter = torch.set_float32_matmul_precision
+
+    def record(precision: str) -> None:
+        calls.append(precision)
+        setter(precision)
+
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", record)
+    run_dir = tmp_path / "bf16"
+    args = ["--data", str(data), "--run_dir", str(run_dir), *TINY_ARGS]
+    args += ["--trainer.precision=bf16-mixed", "--float32_matmul_precision=medium"]
+    assert train.main([*args, "--trainer.max_steps=30", "--no_test"]) == 0
+    assert calls == ["medium", before]  # set for the run, restored after it
+    assert torch.get_float32_matmul_precision() == before
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == "bf16-mixed"
+    assert saved["float32_matmul_precision"] == "medium"
+    series = read_metrics(run_dir)
+    (name,) = [key for key in series if key.startswith("train/loss")]
+    losses = [loss for _, loss in sorted(series[name].items())]
+    assert len(losses) >= 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert max(losses[-3:]) < losses[0] - 0.1  # it learns (3.37 -> 2.98 when written)
+    model, _ = load_model(run_dir)
+    weights = list(model.state_dict().values())
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights)
