@@ -260,7 +260,9 @@ class FastAttention(nn.Module):
         # float32 at least (float64 stays float64), whatever autocast or the inputs say.
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            q32, k32, v32 = (x.to(dtype).reshape(rows, length, dim) for x in (q, k, v))
+            # A model's q, k, v are views of one projection, heads interleaved: rows made
+            # contiguous once here, not cloned by every chunk product of the kernels.
+            q32, k32, v32 = (x.to(dtype).reshape(rows, length, dim).contiguous() for x in (q, k, v))
             valid = None
             if key_padding_mask is not None:
                 valid = ~key_padding_mask[:, None, :, None].expand(batch, heads, length, 1)

@@ -150,6 +150,31 @@ def test_padding_invariance_float32(kernel, causal):
         assert torch.count_nonzero(batched[row, :, length:]) == 0
 
 
+@pytest.mark.parametrize("kernel,feature_type", KERNEL_SETUPS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_strided_inputs_give_what_contiguous_ones_give(kernel, feature_type, causal):
+    """q, k, v as a model makes them (views of one (B, L, 3, H, d) projection, heads interleaved)
+    give the outputs and gradients of contiguous copies: the kernels see the same rows."""
+    attn = FastAttention(
+        head_dim=16, num_features=32, kernel=kernel, causal=causal, feature_type=feature_type,
+        chunk_size=8,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(3)
+    projected = torch.randn(1, 40, 3, 2, 16, generator=generator, dtype=torch.float64)
+    strided = projected.clone().requires_grad_()
+    q, k, v = strided.permute(2, 0, 3, 1, 4)  # (B, H, L, d) each, not contiguous
+    assert not q.is_contiguous()
+    dense = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    out_strided, out_dense = attn(q, k, v), attn(*dense)
+    weights = torch.randn(out_dense.shape, generator=generator, dtype=torch.float64)
+    (out_strided * weights).sum().backward()
+    (out_dense * weights).sum().backward()
+    assert torch.allclose(out_strided, out_dense, rtol=0, atol=1e-12)
+    grads = strided.grad.permute(2, 0, 3, 1, 4)
+    for grad, x in zip(grads, dense, strict=True):
+        assert torch.allclose(grad, x.grad, rtol=0, atol=1e-12)
+
+
 def test_padded_key_values_do_not_leak():
     """Whatever sits in padded positions (even huge values) leaves the real outputs unchanged."""
     attn = FastAttention(head_dim=16, num_features=64, kernel="softmax")
