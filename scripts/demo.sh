@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # protperf end to end on real proteins, on a CPU: prepare-data -> train -> evaluate -> embed ->
-# generate. `make demo` runs it after installing protperf; about 8 minutes on 2 cores.
+# generate. `make demo` runs it after installing protperf; 8 to 11 minutes on 2 cores.
 # Everything it writes goes to demo/ (git-ignored):
 #
 #   demo/data/              tokenized HDF5 dataset (train/valid/test splits, a held-out organism as ood)
