@@ -1,0 +1,62 @@
+"""The prepared GPU check (scripts/device_check.sh) stays runnable: its CPU dry run passes.
+
+No GPU runs in CI; the dry run executes every step of the script with DEVICE=cpu and small sizes,
+so that a renamed benchmark option or a broken check fails here rather than in the few minutes of
+a lent GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import cuda_check  # noqa: E402
+
+
+def test_cuda_checks_pass_on_the_cpu_against_itself(tmp_path, capsys):
+    out = tmp_path / "checks.json"
+    assert cuda_check.main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
+    checks = json.loads(out.read_text())["checks"]
+    assert set(checks) == set(cuda_check.CHECKS)
+    assert all(check["passed"] for check in checks.values())
+    assert capsys.readouterr().out.count("PASS") == len(cuda_check.CHECKS)
+
+
+def test_a_failing_check_fails_the_run(monkeypatch, tmp_path):
+    def broken(device, size):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    name = next(iter(cuda_check.CHECKS))
+    monkeypatch.setitem(cuda_check.CHECKS, name, (broken, 1, 1))
+    out = tmp_path / "checks.json"
+    assert cuda_check.main(["--device", "cpu", "--quick", "--json", str(out)]) == 1
+    failed = json.loads(out.read_text())["checks"][name]
+    assert not failed["passed"] and "illegal memory access" in failed["measure"]
+
+
+def test_device_script_dry_run_runs_every_step(tmp_path):
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "QUICK": "1",
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "device_check.sh")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    steps = [line.split(":")[0] for line in summary]
+    assert steps[-3:] == ["cuda_check", "attention_fp32", "train_throughput"]
+    assert all(" exit 0" in line for line in summary)
+    attention = json.loads((tmp_path / "attention_fp32.json").read_text())
+    assert attention, "the attention benchmark wrote no results"
+    assert "FAVOR+ causal" in (tmp_path / "train_throughput.log").read_text()
