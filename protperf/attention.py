@@ -161,6 +161,14 @@ class DecodeState:
     key_max: Tensor | None = None
 
 
+def _contiguous_as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype``, contiguous, in one copy at most (``to`` keeps a cast's strides, and
+    ignores ``memory_format`` when there is nothing to cast)."""
+    if x.dtype == dtype:
+        return x.contiguous()
+    return x.to(dtype, memory_format=torch.contiguous_format)
+
+
 class FastAttention(nn.Module):
     """Attention over (batch, heads, length, head_dim) tensors: FAVOR+ or exact, one interface.
 
@@ -261,8 +269,9 @@ class FastAttention(nn.Module):
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(device_type=q.device.type, enabled=False):
             # A model's q, k, v are views of one projection, heads interleaved: rows made
-            # contiguous once here, not cloned by every chunk product of the kernels.
-            q32, k32, v32 = (x.to(dtype).reshape(rows, length, dim).contiguous() for x in (q, k, v))
+            # contiguous here, in the same pass as any cast (none when they already are),
+            # not cloned by every chunk product of the kernels.
+            q32, k32, v32 = (_contiguous_as(x, dtype).view(rows, length, dim) for x in (q, k, v))
             valid = None
             if key_padding_mask is not None:
                 valid = ~key_padding_mask[:, None, :, None].expand(batch, heads, length, 1)
