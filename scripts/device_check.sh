@@ -8,7 +8,9 @@
 #   3. benchmarks/train_throughput.py on CUDA, bf16-mixed, the concat model with 6 layers
 #      (issue 4's GPU figures: tokens/s and peak GPU memory, FAVOR+ against exact attention).
 # Each step has its own time limit and a failing step does not stop the next: whatever ran comes
-# back under $OUT (logs and JSON), with summary.txt listing each step's exit status.
+# back under $OUT (logs and JSON), with summary.txt listing each step's exit status. The device
+# tool returns at most 8 files, so the script writes exactly 8: summary.txt, environment.txt
+# (versions and the wheel install), four logs and the attention benchmark's two JSON tables.
 #
 # The device has no network. Its image has torch, pytorch-lightning, h5py, tokenizers,
 # safetensors and xxhash; performer-pytorch (the attention benchmark's peer) travels as wheels.
@@ -33,7 +35,7 @@ summary="$OUT/summary.txt"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/protperf-site .whl/*.whl >"$OUT/wheels.log" 2>&1
+        --target /tmp/protperf-site .whl/*.whl >"$OUT/environment.txt" 2>&1
     echo "wheels: exit $?" >>"$summary"
     export PYTHONPATH="/tmp/protperf-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
@@ -57,7 +59,7 @@ step() {
     command -v nvidia-smi >/dev/null && nvidia-smi
     "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-} >"$OUT/environment.txt" 2>&1
+} >>"$OUT/environment.txt" 2>&1
 
 if [ "$QUICK" = 1 ]; then
     check_size=(--quick)
@@ -71,8 +73,7 @@ else
     layers=6
 fi
 
-step cuda_check 90 "$PYTHON" benchmarks/cuda_check.py --device "$DEVICE" "${check_size[@]}" \
-    --json "$OUT/cuda_check.json"
+step cuda_check 90 "$PYTHON" benchmarks/cuda_check.py --device "$DEVICE" "${check_size[@]}"
 for dtype in fp32 bf16; do
     [ "$DEVICE" = cpu ] && [ "$dtype" = bf16 ] && continue  # the CPU benchmark is float32
     step "attention_$dtype" 150 "$PYTHON" benchmarks/attention.py --device "$DEVICE" \

@@ -60,3 +60,4 @@ def test_device_script_dry_run_runs_every_step(tmp_path):
     attention = json.loads((tmp_path / "attention_fp32.json").read_text())
     assert attention, "the attention benchmark wrote no results"
     assert "FAVOR+ causal" in (tmp_path / "train_throughput.log").read_text()
+    assert len(list(tmp_path.iterdir())) <= 8, "the device tool returns at most 8 files"
