@@ -59,7 +59,7 @@ def attention_matches_cpu(device: torch.device, length: int) -> dict:
                 attention = FastAttention(
                     head_dim=32, num_features=64, kernel=kernel, causal=causal, chunk_size=64
                 ).to(where)
-                inputs = [x.to(where).requires_grad_() for x in (q, k, v)]
+                inputs = [x.detach().to(where).requires_grad_() for x in (q, k, v)]  # leaves
                 out = attention(*inputs, key_padding_mask=mask.to(where))
                 (out * weights.to(where)).sum().backward()
                 results.append([out, *(x.grad for x in inputs)])

@@ -7,11 +7,15 @@ a lent GPU.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import h5py
+from Bio import SeqIO
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -61,3 +65,36 @@ def test_device_script_dry_run_runs_every_step(tmp_path):
     assert attention, "the attention benchmark wrote no results"
     assert "FAVOR+ causal" in (tmp_path / "train_throughput.log").read_text()
     assert len(list(tmp_path.iterdir())) <= 8, "the device tool returns at most 8 files"
+
+
+def test_device_cli_script_dry_run_runs_every_verb(tmp_path, tiny_lm_data, proteome_dir):
+    """scripts/device_cli_check.sh on the CPU: train, evaluate, embed and generate all produce."""
+    data = tmp_path / "devdata"
+    data.mkdir()
+    (data / "data").symlink_to(tiny_lm_data)
+    fasta = sorted(proteome_dir.glob("*E.coli*.fasta.gz"))[0]
+    with gzip.open(fasta, "rt") as handle:
+        records = list(SeqIO.parse(handle, "fasta"))[:12]
+    SeqIO.write(records, data / "sample.fasta", "fasta")
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "DATA": str(data),
+        "RUN": str(tmp_path / "run"),
+        "STEPS": "12",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "device_cli_check.sh")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (out / "cuda_check.log").read_text().count("PASS") == len(cuda_check.CHECKS)
+    assert "empirical unigram baseline" in (out / "evaluate.log").read_text()
+    with h5py.File(out / "embeddings.h5") as embeddings:
+        assert [x.decode() for x in embeddings["ids"][:]] == [r.id for r in records]
+        assert embeddings["residues"].shape[0] == sum(len(r.seq) for r in records)
+    assert (out / "generated.fasta").read_text().count(">") == 3
+    assert len(list(out.iterdir())) <= 8, "the device tool returns at most 8 files"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The command-line verbs on a GPU, end to end: a short bf16-mixed `protperf train` of the tiny
+# config, then `evaluate`, `embed` and `generate` on the device, after benchmarks/cuda_check.py.
+# About 2 minutes on one H200. Before the call, here:
+#   protperf prepare-data --source ../shared/data/proteomes/UP000000625-E.coli.fasta.gz \
+#       --out .devdata/data --concat-length 1024 --ood-families none --overwrite
+#   gzip -dc ../shared/data/proteomes/UP000000625-E.coli.fasta.gz |
+#       awk '/^>/ { n++ } n <= 100' > .devdata/sample.fasta
+# and carry .devdata and .whl (jsonargparse, docstring_parser, typeshed_client, biopython and
+# isal wheels for Python 3.12 beside the performer-pytorch ones; see scripts/device_check.sh):
+#   command="bash scripts/device_cli_check.sh", carry=[".whl", ".devdata"]
+# Dry run on a CPU: DEVICE=cpu bash scripts/device_cli_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device-out}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
+RUN=${RUN:-/tmp/protperf-cli-run}
+STEPS=${STEPS:-300}  # training steps, validation every third of them
+DATA=${DATA:-.devdata}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ "$DEVICE" != cpu ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels for the device's Python
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/protperf-site .whl/*.whl >"$OUT/wheels.log" 2>&1
+    export PYTHONPATH="/tmp/protperf-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+protperf() { "$PYTHON" -c 'import sys; from protperf.cli import main; sys.exit(main())' "$@"; }
+accelerator=gpu precision=bf16-mixed size=()
+[ "$DEVICE" = cpu ] && accelerator=cpu precision=32-true size=(--quick)
+
+echo "==> cuda_check"
+"$PYTHON" benchmarks/cuda_check.py --device "$DEVICE" "${size[@]}" 2>&1 | tee "$OUT/cuda_check.log" || true
+echo "==> train"
+rm -rf "$RUN"
+protperf train --config configs/tiny-cpu.yaml --data "$DATA/data" --run_dir "$RUN" \
+    --trainer.accelerator "$accelerator" --trainer.devices 1 --trainer.precision "$precision" \
+    --trainer.max_steps "$STEPS" --trainer.val_check_interval $((STEPS / 3)) --no_test 2>&1 | tee "$OUT/train.log" | tail -n 15
+echo "==> evaluate"
+protperf evaluate --model "$RUN" --data "$DATA/data" --split test valid --device "$DEVICE" \
+    --precision "${precision%-true}" 2>&1 | tee "$OUT/evaluate.log"
+echo "==> embed"
+protperf embed "$DATA/sample.fasta" --model "$RUN" -o "$OUT/embeddings.h5" --per-residue \
+    --device "$DEVICE" 2>&1 | tail -n 5
+"$PYTHON" -c "import h5py, sys; f = h5py.File(sys.argv[1]); print({k: f[k].shape for k in f})" \
+    "$OUT/embeddings.h5"
+echo "==> generate"
+protperf generate --model "$RUN" -n 3 --seed 0 --device "$DEVICE" -o "$OUT/generated.fasta"
+cat "$OUT/generated.fasta"
+ls "$RUN"
