@@ -20,8 +20,9 @@ Output HDF5 (written to a temporary name, renamed when complete), N proteins, D 
 - with ``--per-residue``: ``residues`` (float32, total_residues x D, or x K x D) and ``offsets``
   (int64, N+1): protein i's residues are ``residues[offsets[i]:offsets[i+1]]``;
 - attributes: ``model`` (path given), ``model_id`` (sha256 of the weights), ``model_config``
-  (JSON), ``mode``, ``layers`` (resolved, 0..depth), ``precision``, ``protperf_version``,
-  ``num_sequences``, ``num_residues``, ``skipped_ids``, ``fasta``.
+  (JSON), ``mode``, ``layers`` (resolved, 0..depth), ``precision``,
+  ``float32_matmul_precision``, ``protperf_version``, ``num_sequences``, ``num_residues``,
+  ``skipped_ids``, ``fasta``.
 
 Layers follow ESM: 0 is the token embedding, i the output of block i, and ``depth`` (also -1) the
 final layer-normed states, the ones the LM head reads; negative values count from the end.
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from protperf import __version__
+from protperf import __version__, runtime
 from protperf.commandline import CommandError, run_verb
 from protperf.fasta import FastaRecord, read_fasta
 from protperf.inference import (
@@ -50,6 +51,7 @@ from protperf.inference import (
     weights_fingerprint,
 )
 from protperf.model import PerformerLM
+from protperf.runtime import MatmulPrecision
 from protperf.tokenizer import BOS, EOS, PAD, encode
 
 DEFAULT_TOKENS_PER_BATCH = 4096  # ESM extract's default
@@ -214,6 +216,7 @@ def embed(
     tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
     device: str = "cpu",
     precision: Precision = "32",
+    float32_matmul_precision: MatmulPrecision = "high",
     skip_invalid: bool = False,
 ) -> Path:
     """Embed the proteins of a FASTA file with a protperf model into an HDF5 file.
@@ -231,6 +234,9 @@ def embed(
         tokens_per_batch: token budget of a batch (count x longest, with <bos>/<eos>).
         device: cpu, cuda or cuda:N.
         precision: 32 (float32) or bf16-mixed / 16-mixed autocast; outputs are float32.
+        float32_matmul_precision: float32 products: high = TF32 on CUDA (FAVOR+ computes in
+            float32 even under autocast), highest = IEEE float32, medium = bfloat16 on
+            CPUs with AMX too. A CPU gives the same numbers with high and highest.
         skip_invalid: skip (and report) records with no sequence or non-amino-acid letters.
     """
     start = time.perf_counter()
@@ -266,6 +272,7 @@ def embed(
         "mode": loaded.mode,
         "layers": np.array(resolved, dtype=np.int64),
         "precision": precision,
+        "float32_matmul_precision": float32_matmul_precision,
         "per_residue": per_residue,
         "protperf_version": __version__,
         "num_sequences": len(records),
@@ -282,9 +289,12 @@ def embed(
         device=loaded.device,
         precision=precision,
     )
-    with tqdm(
-        total=total, unit="res", unit_scale=True, desc="embed", file=sys.stderr, leave=False
-    ) as progress:
+    with (
+        runtime.float32_matmul_precision(float32_matmul_precision),
+        tqdm(
+            total=total, unit="res", unit_scale=True, desc="embed", file=sys.stderr, leave=False
+        ) as progress,
+    ):
         embed_start = time.perf_counter()
         write_embeddings(
             out,

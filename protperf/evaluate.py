@@ -32,10 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from protperf import runtime
 from protperf.commandline import CommandError, run_verb
 from protperf.inference import LoadedModel, Precision, autocast, load_for_inference
 from protperf.lit import MaskingConfig, mask_tokens, sample_uniforms, token_statistics
 from protperf.model import IGNORE_INDEX
+from protperf.runtime import MatmulPrecision
 from protperf.tokenizer import EOS, FIRST_RESIDUE_ID, VOCAB_SIZE
 
 BASELINE_NAME = "empirical unigram baseline"
@@ -337,6 +339,7 @@ def evaluate(
     tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
     device: str = "cpu",
     precision: Precision = "32",
+    float32_matmul_precision: MatmulPrecision = "high",
 ) -> list[SplitResult]:
     """Evaluate a model on prepared splits: accuracy and perplexity next to the unigram baseline.
 
@@ -357,21 +360,25 @@ def evaluate(
         tokens_per_batch: padded tokens per batch.
         device: cpu, cuda or cuda:N.
         precision: 32 (float32) or bf16-mixed / 16-mixed autocast.
+        float32_matmul_precision: float32 products: high = TF32 on CUDA (FAVOR+ computes in
+            float32 even under autocast), highest = IEEE float32, medium = bfloat16 on
+            CPUs with AMX too. A CPU gives the same numbers with high and highest.
     """
     explicit = split is not None
     splits = list(split) if split is not None else (["valid"] if concat else ["test", "ood"])
     loaded = load_for_inference(model, device)
-    results = evaluate_model(
-        loaded,
-        data,
-        splits,
-        concat=concat,
-        seed=seed,
-        max_length=max_length,
-        tokens_per_batch=tokens_per_batch,
-        precision=precision,
-        explicit_splits=explicit,
-    )
+    with runtime.float32_matmul_precision(float32_matmul_precision):
+        results = evaluate_model(
+            loaded,
+            data,
+            splits,
+            concat=concat,
+            seed=seed,
+            max_length=max_length,
+            tokens_per_batch=tokens_per_batch,
+            precision=precision,
+            explicit_splits=explicit,
+        )
     if not results:
         raise CommandError(f"{data}: none of the splits {splits} holds data")
     if format == "json":

@@ -29,9 +29,15 @@ by default. ``PROTPERF_FLUSH_DENORMAL=0`` keeps IEEE subnormals.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
+from typing import Literal
+
+#: ``torch.set_float32_matmul_precision`` values, as the verbs' --float32-matmul-precision takes.
+MatmulPrecision = Literal["highest", "high", "medium"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -93,3 +99,22 @@ def tune_process(*, runs_models: bool = True) -> None:
     tune_cpu_allocator()
     if runs_models:
         flush_denormals()
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: MatmulPrecision) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` inside the block, the previous after.
+
+    "high" lets CUDA multiply float32 in TF32 (10-bit mantissa): FAVOR+ runs in float32 even
+    under bf16 autocast, and IEEE float32 products on a GPU run at a fraction of its tensor
+    cores' rate. On a CPU "high" changes nothing; "medium" makes oneDNN multiply float32 in
+    bfloat16 (AMX) with float32 results.
+    """
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

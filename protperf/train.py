@@ -21,14 +21,12 @@ validation perplexity), export/ (model.safetensors + config.json + tokenizer.jso
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jsonargparse import (
     ActionConfigFile,
@@ -37,6 +35,8 @@ from jsonargparse import (
     Namespace,
     set_parsing_settings,
 )
+
+from protperf.runtime import MatmulPrecision, float32_matmul_precision
 
 #: What ``--concat`` changes in the defaults: the paper's TrEMBL-Concat model and batch.
 CONCAT_PRESET: dict[str, Any] = {
@@ -112,7 +112,7 @@ def build_parser(*, concat: bool = False) -> ArgumentParser:
     )
     parser.add_argument(
         "--float32_matmul_precision",
-        type=Literal["highest", "high", "medium"],
+        type=MatmulPrecision,
         default="high",
         help="torch.set_float32_matmul_precision for the run. high: TF32 tensor cores for "
         "float32 products on CUDA (FAVOR+ keeps float32 under bf16-mixed), IEEE float32 on "
@@ -324,25 +324,6 @@ def run(parser: ArgumentParser, cfg: Namespace) -> TrainResult:
         except FileNotFoundError:  # nothing logged yet (fewer steps than log_every_n_steps)
             print(f"protperf train: no metrics to plot in {run_dir}", file=sys.stderr)
     return TrainResult(trainer, module, datamodule, run_dir)
-
-
-@contextlib.contextmanager
-def float32_matmul_precision(precision: str) -> Iterator[None]:
-    """``torch.set_float32_matmul_precision(precision)`` inside the block, the previous after.
-
-    "high" lets CUDA multiply float32 in TF32 (10-bit mantissa): FAVOR+ runs in float32 even
-    under bf16-mixed, and IEEE float32 products on a GPU run at a fraction of its tensor cores'
-    rate. On a CPU "high" changes nothing; "medium" makes oneDNN multiply float32 in bfloat16
-    (AMX) with float32 results.
-    """
-    import torch
-
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def main(argv: list[str]) -> int:

@@ -96,3 +96,39 @@ def test_model_verbs_flush_subnormals(verb):
     )
     subnormal = int(run_python(code))
     assert subnormal == (0 if verb in cli.MODEL_VERBS else 1 << 20)
+
+
+@pytest.mark.parametrize("verb", ["embed", "evaluate"])
+def test_inference_verbs_run_the_model_under_their_matmul_precision(
+    verb, trained_tiny_runs, tiny_lm_data, tmp_path, monkeypatch
+):
+    """--float32-matmul-precision holds while embed / evaluate run the model, and only then."""
+    import torch
+
+    from protperf.model import PerformerLM
+
+    seen = []
+    forward = PerformerLM.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PerformerLM, "forward", spy)
+    before = torch.get_float32_matmul_precision()
+    run = str(trained_tiny_runs["unidirectional"])
+    if verb == "embed":
+        fasta = tmp_path / "two.fasta"
+        fasta.write_text(">a\nMKTAYIAKQR\n>b\nMSLLE\n")
+        args = [str(fasta), "--model", run, "-o", str(tmp_path / "two.h5")]
+    else:
+        args = ["--model", run, "--data", str(tiny_lm_data), "--split", "test"]
+    assert before != "medium"
+    assert cli.main([verb, *args, "--float32-matmul-precision", "medium"]) == 0
+    assert seen and set(seen) == {"medium"}
+    assert torch.get_float32_matmul_precision() == before
+    if verb == "embed":  # recorded with the embeddings
+        import h5py
+
+        with h5py.File(tmp_path / "two.h5") as f:
+            assert f.attrs["float32_matmul_precision"] == "medium"
