@@ -98,6 +98,8 @@ def worker(args: argparse.Namespace) -> dict:
     if kernel == "opt":
         for block in model.blocks:
             block.attn.attention = _return_values_module()
+    if args.compile:  # as protperf train --compile: in place, the warm-up steps compile
+        model.compile()
     optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-9)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(FIRST_RESIDUE_ID, 30, (args.batch, args.length + 1), generator=generator)
@@ -127,7 +129,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = [step() for _ in range(args.warmup)]
+    warmup = [step() for _ in range(args.warmup)]  # with --compile, the first one compiles
     times, deadline = [], time.perf_counter() + args.budget_s
     while len(times) < args.steps and (not times or time.perf_counter() < deadline):
         times.append(step())
@@ -138,6 +140,7 @@ def worker(args: argparse.Namespace) -> dict:
         "step_s": step_s,
         "tokens_per_s": args.batch * args.length / step_s,
         "steps": len(times),
+        "first_step_s": warmup[0] if warmup else None,
         "peak_rss_gb": _peak_rss_gb(),
         "threads": torch.get_num_threads(),
     }
@@ -225,6 +228,8 @@ def _run_one(args: argparse.Namespace, config: str, length: int) -> dict:
     ]  # fmt: skip
     if args.gradient_checkpointing:
         command.append("--gradient_checkpointing")
+    if args.compile:
+        command.append("--compile")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -272,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         help="as protperf train's (high: TF32 on CUDA, IEEE float32 on CPUs)",
     )
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (warm-up steps compile)"
+    )
     parser.add_argument("--data", type=Path, default=None, help="prepared data with concat chunks")
     parser.add_argument("--loader_workers", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -285,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {args.device}, "
         f"{args.precision}, float32 matmul {args.float32_matmul_precision}; model: {args.layers} layers, d {args.dim}, {args.heads} heads, "
-        f"d_ff {args.ff_dim}, m {args.num_features}, batch {args.batch}",
+        f"d_ff {args.ff_dim}, m {args.num_features}, batch {args.batch}, "
+        f"{'torch.compile' if args.compile else 'eager'}",
         flush=True,
     )
     results: dict[tuple[str, int], dict] = {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The command-line verbs on a GPU, end to end: a short bf16-mixed `protperf train` of the tiny
 # config, then `evaluate`, `embed` and `generate` on the device, after benchmarks/cuda_check.py.
-# About 2 minutes on one H200. Before the call, here:
+# About 5 minutes on one H200 (the torch.compile comparison at the end takes most of it). Before the call, here:
 #   protperf prepare-data --source ../shared/data/proteomes/UP000000625-E.coli.fasta.gz \
 #       --out .devdata/data --concat-length 1024 --ood-families none --overwrite
 #   gzip -dc ../shared/data/proteomes/UP000000625-E.coli.fasta.gz |
@@ -50,3 +50,18 @@ echo "==> generate"
 protperf generate --model "$RUN" -n 3 --seed 0 --device "$DEVICE" -o "$OUT/generated.fasta"
 cat "$OUT/generated.fasta"
 ls "$RUN"
+echo "==> train_throughput --compile"  # torch.compile against eager, FAVOR+ and exact, 8k and 32k
+if [ "$DEVICE" = cpu ]; then  # the dry run: one small configuration
+    sizes=(--layers 1 --dim 64 --heads 2 --ff_dim 128 --num_features 32 --lengths 256
+        --configs "FAVOR+ causal")
+else
+    sizes=(--layers 6 --lengths 8192 32768 --configs "FAVOR+ causal" "FAVOR+ bidirectional"
+        "exact causal" "exact bidirectional")
+fi
+for mode in eager compile; do
+    flag=()
+    [ "$mode" = compile ] && flag=(--compile)
+    timeout 240 "$PYTHON" benchmarks/train_throughput.py --device "$DEVICE" \
+        --precision "$precision" --steps 3 --warmup 2 --timeout 120 "${sizes[@]}" "${flag[@]}" \
+        2>&1 | tee -a "$OUT/compile.log" | grep -v "^#   "
+done

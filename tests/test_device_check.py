@@ -97,4 +97,8 @@ def test_device_cli_script_dry_run_runs_every_verb(tmp_path, tiny_lm_data, prote
         assert [x.decode() for x in embeddings["ids"][:]] == [r.id for r in records]
         assert embeddings["residues"].shape[0] == sum(len(r.seq) for r in records)
     assert (out / "generated.fasta").read_text().count(">") == 3
+    compiled = (out / "compile.log").read_text()
+    assert compiled.count('"config": "FAVOR+ causal", "length": 256, "step_s"') == 2, compiled
+    assert compiled.count(", eager\n") == compiled.count(", torch.compile\n") == 1
+    assert "error" not in compiled and "timeout" not in compiled
     assert len(list(out.iterdir())) <= 8, "the device tool returns at most 8 files"
