@@ -50,18 +50,19 @@ echo "==> generate"
 protperf generate --model "$RUN" -n 3 --seed 0 --device "$DEVICE" -o "$OUT/generated.fasta"
 cat "$OUT/generated.fasta"
 ls "$RUN"
-echo "==> train_throughput --compile"  # torch.compile against eager, FAVOR+ and exact, 8k and 32k
+echo "==> train_throughput --compile"  # torch.compile against eager, 8k and 32k
 if [ "$DEVICE" = cpu ]; then  # the dry run: one small configuration
     sizes=(--layers 1 --dim 64 --heads 2 --ff_dim 128 --num_features 32 --lengths 256
         --configs "FAVOR+ causal")
 else
-    sizes=(--layers 6 --lengths 8192 32768 --configs "FAVOR+ causal" "FAVOR+ bidirectional"
-        "exact causal" "exact bidirectional")
+    # 2 layers (the CPU benchmark's shape): compiling 6 would take most of the call.
+    sizes=(--layers 2 --lengths 8192 32768 --configs "FAVOR+ causal" "FAVOR+ bidirectional"
+        "exact causal")
 fi
 for mode in eager compile; do
     flag=()
     [ "$mode" = compile ] && flag=(--compile)
-    timeout 240 "$PYTHON" benchmarks/train_throughput.py --device "$DEVICE" \
-        --precision "$precision" --steps 3 --warmup 2 --timeout 120 "${sizes[@]}" "${flag[@]}" \
+    timeout 300 "$PYTHON" benchmarks/train_throughput.py --device "$DEVICE" \
+        --precision "$precision" --steps 3 --warmup 2 --timeout 150 "${sizes[@]}" "${flag[@]}" \
         2>&1 | tee -a "$OUT/compile.log" | grep -v "^#   "
 done
