@@ -25,6 +25,9 @@ thread and a new thread copies its creator's, so it must be made before PyTorch 
 intra-op thread pool (its first parallel operation); made later, it reaches the calling thread
 only. The CLI calls it first thing for the verbs that run models; TensorFlow and JAX do the same
 by default. ``PROTPERF_FLUSH_DENORMAL=0`` keeps IEEE subnormals.
+
+:func:`float32_matmul_precision` sets ``torch.set_float32_matmul_precision`` for a block only
+(``train``, ``embed`` and ``evaluate`` run their models under it; default ``high``).
 """
 
 from __future__ import annotations
