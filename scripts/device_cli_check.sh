@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The command-line verbs on a GPU, end to end: a short bf16-mixed `protperf train` of the tiny
 # config, then `evaluate`, `embed` and `generate` on the device, after benchmarks/cuda_check.py.
-# About 5 minutes on one H200 (the torch.compile comparison at the end takes most of it). Before the call, here:
+# About 6 minutes on one H200 (the profiles and the torch.compile comparison at the end take most of it). Before the call, here:
 #   protperf prepare-data --source ../shared/data/proteomes/UP000000625-E.coli.fasta.gz \
 #       --out .devdata/data --concat-length 1024 --ood-families none --overwrite
 #   gzip -dc ../shared/data/proteomes/UP000000625-E.coli.fasta.gz |
@@ -50,6 +50,17 @@ echo "==> generate"
 protperf generate --model "$RUN" -n 3 --seed 0 --device "$DEVICE" -o "$OUT/generated.fasta"
 cat "$OUT/generated.fasta"
 ls "$RUN"
+echo "==> profile_favor"  # launches against device time, eager (and compiled on the GPU)
+if [ "$DEVICE" = cpu ]; then
+    profiles=("--lengths 256 512 --no-autocast")
+else
+    profiles=("" "--compile")
+fi
+for extra in "${profiles[@]}"; do
+    # shellcheck disable=SC2086  # $extra holds several options
+    timeout 150 "$PYTHON" benchmarks/profile_favor.py --device "$DEVICE" --top 8 $extra \
+        2>&1 | grep -v "^USDT" | tee -a "$OUT/compile.log" | grep -E "^#|L="
+done
 echo "==> train_throughput --compile"  # torch.compile against eager, 8k and 32k
 if [ "$DEVICE" = cpu ]; then  # the dry run: one small configuration
     sizes=(--layers 1 --dim 64 --heads 2 --ff_dim 128 --num_features 32 --lengths 256

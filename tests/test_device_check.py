@@ -100,5 +100,7 @@ def test_device_cli_script_dry_run_runs_every_verb(tmp_path, tiny_lm_data, prote
     compiled = (out / "compile.log").read_text()
     assert compiled.count('"config": "FAVOR+ causal", "length": 256, "step_s"') == 2, compiled
     assert compiled.count(", eager\n") == compiled.count(", torch.compile\n") == 1
+    profiled = [line for line in compiled.splitlines() if "wall" in line and "kernels" in line]
+    assert len(profiled) == 4  # both directions at 256 and 512
     assert "error" not in compiled and "timeout" not in compiled
     assert len(list(out.iterdir())) <= 8, "the device tool returns at most 8 files"
