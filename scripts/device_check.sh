@@ -33,14 +33,9 @@ export PYTHONUNBUFFERED=1
 summary="$OUT/summary.txt"
 : >"$summary"
 
-if [ "$DEVICE" != cpu ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels for the device's Python
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/protperf-site .whl/*.whl >"$OUT/environment.txt" 2>&1
-    echo "wheels: exit $?" >>"$summary"
-    export PYTHONPATH="/tmp/protperf-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/device_env.sh environment.txt
+status=$?
+[ "$DEVICE" != cpu ] && ls .whl/*.whl >/dev/null 2>&1 && echo "wheels: exit $status" >>"$summary"
 
 # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, record the status.
 step() {

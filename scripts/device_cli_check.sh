@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The command-line verbs on a GPU, end to end: a short bf16-mixed `protperf train` of the tiny
 # config, then `evaluate`, `embed` and `generate` on the device, after benchmarks/cuda_check.py.
-# About 6 minutes on one H200 (the profiles and the torch.compile comparison at the end take most of it). Before the call, here:
+# Then benchmarks/profile_favor.py and the training benchmark, eager against torch.compile.
+# About 6 minutes on one H200, most of it the profiles and the compile comparison. Before the
+# call, here:
 #   protperf prepare-data --source ../shared/data/proteomes/UP000000625-E.coli.fasta.gz \
 #       --out .devdata/data --concat-length 1024 --ood-families none --overwrite
 #   gzip -dc ../shared/data/proteomes/UP000000625-E.coli.fasta.gz |
@@ -20,13 +22,7 @@ STEPS=${STEPS:-300}  # training steps, validation every third of them
 DATA=${DATA:-.devdata}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ "$DEVICE" != cpu ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels for the device's Python
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/protperf-site .whl/*.whl >"$OUT/wheels.log" 2>&1
-    export PYTHONPATH="/tmp/protperf-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/device_env.sh wheels.log
 protperf() { "$PYTHON" -c 'import sys; from protperf.cli import main; sys.exit(main())' "$@"; }
 accelerator=gpu precision=bf16-mixed size=()
 [ "$DEVICE" = cpu ] && accelerator=cpu precision=32-true size=(--quick)

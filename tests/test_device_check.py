@@ -1,4 +1,5 @@
-"""The prepared GPU check (scripts/device_check.sh) stays runnable: its CPU dry run passes.
+"""The prepared GPU checks (scripts/device_check.sh, device_cli_check.sh) stay runnable: their
+CPU dry runs pass.
 
 No GPU runs in CI; the dry run executes every step of the script with DEVICE=cpu and small sizes,
 so that a renamed benchmark option or a broken check fails here rather than in the few minutes of
@@ -23,6 +24,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import cuda_check  # noqa: E402
 
 
+def run_script(name: str, **env: str) -> None:
+    """Run scripts/NAME with ``env`` added (DEVICE=cpu, this Python); fails the test if it fails."""
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / name)],
+        env={**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, **env},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 def test_cuda_checks_pass_on_the_cpu_against_itself(tmp_path, capsys):
     out = tmp_path / "checks.json"
     assert cuda_check.main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
@@ -45,18 +56,7 @@ def test_a_failing_check_fails_the_run(monkeypatch, tmp_path):
 
 
 def test_device_script_dry_run_runs_every_step(tmp_path):
-    env = {
-        **os.environ,
-        "DEVICE": "cpu",
-        "QUICK": "1",
-        "OUT": str(tmp_path),
-        "PYTHON": sys.executable,
-    }
-    done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "device_check.sh")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_script("device_check.sh", QUICK="1", OUT=str(tmp_path))
     summary = (tmp_path / "summary.txt").read_text().splitlines()
     steps = [line.split(":")[0] for line in summary]
     assert steps[-3:] == ["cuda_check", "attention_fp32", "train_throughput"]
@@ -77,20 +77,9 @@ def test_device_cli_script_dry_run_runs_every_verb(tmp_path, tiny_lm_data, prote
         records = list(SeqIO.parse(handle, "fasta"))[:12]
     SeqIO.write(records, data / "sample.fasta", "fasta")
     out = tmp_path / "out"
-    env = {
-        **os.environ,
-        "DEVICE": "cpu",
-        "OUT": str(out),
-        "PYTHON": sys.executable,
-        "DATA": str(data),
-        "RUN": str(tmp_path / "run"),
-        "STEPS": "12",
-    }
-    done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "device_cli_check.sh")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_script(
+        "device_cli_check.sh", OUT=str(out), DATA=str(data), RUN=str(tmp_path / "run"), STEPS="12"
+    )
     assert (out / "cuda_check.log").read_text().count("PASS") == len(cuda_check.CHECKS)
     assert "empirical unigram baseline" in (out / "evaluate.log").read_text()
     with h5py.File(out / "embeddings.h5") as embeddings:
