@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import socket
 import tarfile
 
 import pytest
@@ -109,11 +110,84 @@ def test_closed_port_is_retried_then_reported(served_file):
     root, _ = served_file
     with MirrorServer(root) as server:
         url = server.url + "file.bin"
-    waits = []
+    waits, reports = [], []
     with pytest.raises(DownloadError, match="giving up after 3") as caught:
-        list(download_chunks(url, retries=2, retry_wait=1, sleep=waits.append))
+        list(
+            download_chunks(url, retries=2, retry_wait=1, sleep=waits.append, report=reports.append)
+        )
     assert url in str(caught.value)
     assert waits == [1, 2]
+    # Every retry is announced: the URL, the error, the wait and the attempt to come.
+    assert len(reports) == 2
+    assert all(r.startswith(url) and "refused" in r.lower() for r in reports)
+    assert "retrying in 1 s (attempt 2 of 3)" in reports[0]
+    assert "retrying in 2 s (attempt 3 of 3)" in reports[1]
+
+
+def _unknown_host(*args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+def test_unknown_host_fails_at_once(monkeypatch):
+    # No resolver answer for the host (a mistyped mirror, or no network): an error at once
+    # naming the host, not minutes of silent retries. getaddrinfo stands in for the resolver,
+    # so the test sends nothing anywhere.
+    monkeypatch.setattr(socket, "getaddrinfo", _unknown_host)
+    url = "http://mirror.invalid/pub/databases/uniprot/file.bin"
+    waits, reports = [], []
+    with pytest.raises(DownloadError, match=r"cannot resolve the host 'mirror\.invalid'") as caught:
+        list(download_chunks(url, sleep=waits.append, report=reports.append))
+    assert url in str(caught.value) and "nothing was downloaded" in str(caught.value)
+    assert waits == [] and reports == []
+
+
+def test_temporary_resolver_failure_is_retried(served_file, monkeypatch):
+    root, data = served_file
+    real = socket.getaddrinfo
+    calls = []
+
+    def flaky(*args, **kwargs):  # "try again" once, then the real resolver
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", flaky)
+    with MirrorServer(root) as server:
+        reports = []
+        got = b"".join(
+            download_chunks(server.url + "file.bin", sleep=lambda s: None, report=reports.append)
+        )
+    assert got == data
+    assert len(reports) == 1 and "Temporary failure" in reports[0]
+
+
+def test_host_lost_after_progress_is_retried(served_file, monkeypatch):
+    # Once bytes have come, even "unknown host" is retried: the network went away mid-download.
+    root, data = served_file
+    real = socket.getaddrinfo
+    calls = []
+
+    def lost_once(*args, **kwargs):  # the second connection (the resume) finds no resolver
+        calls.append(args[0])
+        if len(calls) == 2:
+            _unknown_host()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lost_once)
+    with MirrorServer(root, Misbehaviour(drops=1, drop_after=70_000)) as server:
+        waits, reports = [], []
+        got = b"".join(
+            download_chunks(
+                server.url + "file.bin", size=len(data), retry_wait=0.01, sleep=waits.append,
+                report=reports.append,
+            )
+        )  # fmt: skip
+        ranges = [r for _, r in server.requests]
+    assert got == data
+    assert ranges == [None, "bytes=70000-"]
+    assert waits == [0.01, 0.02]  # the drop, then the resolver failure without progress
+    assert "at byte 70000" in reports[1] and "Name or service not known" in reports[1]
 
 
 def test_metalink_parsing():

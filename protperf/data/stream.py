@@ -14,10 +14,13 @@ import http.client
 import io
 import queue
 import re
+import socket
+import sys
 import tarfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -67,6 +70,7 @@ def download_chunks(
     timeout: float = 60.0,
     chunk_size: int = CHUNK,
     sleep: Callable[[float], None] = time.sleep,
+    report: Callable[[str], None] | None = None,
 ) -> Iterator[bytes]:
     """The bytes of ``url`` from offset ``start``, resuming dropped connections.
 
@@ -74,9 +78,14 @@ def download_chunks(
     ``Range: bytes=<reached>-`` after ``retry_wait * 2**k`` seconds (k = failures in a row, the
     wait capped at 60 s); after ``retries`` failures in a row without progress it gives up with a
     :class:`DownloadError` naming the URL and the byte reached. HTTP 4xx errors (404 ...) fail at
-    once. ``size``, when known (RELEASE.metalink), is the total length; otherwise the server's
+    once, and so does a host name that does not resolve before any byte arrived (a mistyped
+    mirror, or no network: retrying would only wait minutes in silence); once bytes have come,
+    it is retried like any other failure (a laptop's network dropping mid-download). Each retry
+    is announced through ``report`` (default: a line on stderr) with the error and the wait.
+    ``size``, when known (RELEASE.metalink), is the total length; otherwise the server's
     Content-Length / Content-Range is trusted. A server that ignores Range is handled by skipping.
     """
+    report = report or _report_to_stderr
     position, failures, total = start, 0, size
     while total is None or position < total:
         headers = {"User-Agent": f"protperf/{__version__}"}
@@ -96,6 +105,12 @@ def download_chunks(
                 ) from http_error
             error = http_error
         except (urllib.error.URLError, OSError, http.client.HTTPException) as open_error:
+            if position == start and _host_not_found(open_error):
+                host = urllib.parse.urlsplit(url).hostname
+                raise DownloadError(
+                    f"{url}: cannot resolve the host {host!r} ({_reason(open_error)}): check the "
+                    "URL, or the network connection; nothing was downloaded"
+                ) from open_error
             error = open_error
         else:
             with response:
@@ -138,7 +153,31 @@ def download_chunks(
             raise DownloadError(
                 f"{url}: giving up after {failures} failed attempts at byte {position}: {error}"
             ) from error
-        sleep(min(60.0, retry_wait * 2 ** (failures - 1)))
+        wait = min(60.0, retry_wait * 2 ** (failures - 1))
+        report(
+            f"{url}: {_reason(error)} at byte {position}; retrying in {wait:g} s "
+            f"(attempt {failures + 1} of {retries + 1})"
+        )
+        sleep(wait)
+
+
+def _report_to_stderr(message: str) -> None:
+    print(f"protperf: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(error: BaseException) -> str:
+    """The useful part of a urllib error: URLError wraps the socket error in ``reason``."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    return str(reason) or type(reason).__name__
+
+
+def _host_not_found(error: BaseException) -> bool:
+    """Whether ``error`` says that the host name does not exist (not a temporary failure)."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    permanent = {socket.EAI_NONAME} | (
+        {socket.EAI_NODATA} if hasattr(socket, "EAI_NODATA") else set()
+    )
+    return isinstance(reason, socket.gaierror) and reason.errno in permanent
 
 
 def _total_length(response: http.client.HTTPResponse, position: int) -> int | None:
