@@ -36,6 +36,7 @@ from jsonargparse import (
     set_parsing_settings,
 )
 
+from protperf.commandline import CommandError
 from protperf.runtime import MatmulPrecision, float32_matmul_precision
 
 #: What ``--concat`` changes in the defaults: the paper's TrEMBL-Concat model and batch.
@@ -253,7 +254,10 @@ def run(parser: ArgumentParser, cfg: Namespace) -> TrainResult:
 
     if cfg.data is None:
         parser.error("--data DIR is required (a folder written by `protperf prepare-data`)")
-    init = parser.instantiate(cfg)
+    try:
+        init = parser.instantiate(cfg)
+    except ValueError as error:  # the config dataclasses validate themselves
+        raise CommandError(f"invalid configuration: {error}") from error
     run_dir = Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = None
@@ -278,6 +282,10 @@ def run(parser: ArgumentParser, cfg: Namespace) -> TrainResult:
         loader=init.loader,
         seed=cfg.seed,
     )
+    try:  # before anything is written: a wrong --data leaves no run folder behind
+        datamodule.check()
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(f"--data: {error}") from error
     if cfg.bidirectional:
         module = BidirectionalLM(
             init.model,
@@ -344,7 +352,11 @@ def main(argv: list[str]) -> int:
     # The data module, not the DataLoader, saves and restores the position in the epoch.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     parser, cfg = parse(argv)
-    run(parser, cfg)
+    try:
+        run(parser, cfg)
+    except CommandError as error:
+        print(f"protperf train: error: {error}", file=sys.stderr)
+        return 1
     close_process_group()
     return 0
 

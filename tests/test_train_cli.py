@@ -227,3 +227,41 @@ def test_compiled_training_matches_eager_with_redraws(data, tmp_path):
     assert eager_state.keys() == compiled_state.keys()  # no _orig_mod. prefixes in the export
     for key, value in eager_state.items():  # a run without the redraws differs by ~1e-3
         torch.testing.assert_close(compiled_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("problem", ["no folder", "no train split", "not hdf5", "no concat chunks"])
+def test_bad_data_is_a_one_line_error_and_writes_no_run(problem, proteome_dir, tmp_path, capsys):
+    folder = tmp_path / "data"
+    extra = []
+    if problem == "no train split":
+        folder.mkdir()
+    elif problem == "not hdf5":
+        folder.mkdir()
+        (folder / "train.h5").write_text(">not\nHDF5\n")
+    elif problem == "no concat chunks":
+        # Chunks of 4,096 tokens from 96 short sequences: none fills one.
+        fasta = sorted(proteome_dir.glob("*E.coli*.fasta.gz"))[0]
+        write_dataset(folder, fasta, concat_length=4096, max_residues=20)
+        extra = ["--concat", "--model.max_length=4096"]
+    run_dir = tmp_path / "run"
+    args = ["--data", str(folder), "--run_dir", str(run_dir), *TINY_ARGS, *extra]
+    assert cli.main(["train", *args, "--trainer.max_steps=2"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("protperf train: error: --data: ")
+    expected = {
+        "no folder": f"{folder}: no such folder",
+        "no train split": f"{folder / 'train.h5'} not found",
+        "not hdf5": f"{folder / 'train.h5'}: not a protperf dataset",
+        "no concat chunks": f"{folder / 'train.h5'}: the train split holds no concat chunks",
+    }[problem]
+    assert expected in message
+    assert not run_dir.exists()  # nothing written: no config, no logs
+
+
+def test_invalid_model_config_is_a_one_line_error(data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["--data", str(data), "--run_dir", str(run_dir), *TINY_ARGS, "--model.dim=30"]
+    assert cli.main(["train", *args]) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("protperf train: error: invalid configuration: dim (30)")
+    assert not run_dir.exists()

@@ -409,6 +409,34 @@ class ProteinDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         return dataset if len(dataset) else None
 
+    def check(self) -> None:
+        """Open every split now, so that a wrong ``data_dir`` fails before a run starts.
+
+        Raises FileNotFoundError (no folder, no train.h5) or ValueError naming the file and the
+        problem: not an HDF5 file of prepare-data's layout, no ``concat`` dataset or chunks longer
+        than ``max_length`` in concat mode, or a train split without a single item.
+        """
+        if not self.data_dir.is_dir():
+            raise FileNotFoundError(
+                f"{self.data_dir}: no such folder (run `protperf prepare-data` first)"
+            )
+        for split in SPLITS:
+            try:
+                self._dataset(split)
+            except (OSError, KeyError) as error:
+                if isinstance(error, FileNotFoundError):
+                    raise
+                raise ValueError(
+                    f"{self._path(split)}: not a protperf dataset ({error}); "
+                    "re-run `protperf prepare-data`"
+                ) from error
+        if self._dataset("train") is None:
+            what = "concat chunks" if self.concat else "sequences"
+            hint = (
+                " (fewer tokens than one chunk: a smaller --concat-length)" if self.concat else ""
+            )
+            raise ValueError(f"{self._path('train')}: the train split holds no {what}{hint}")
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
