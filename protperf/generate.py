@@ -202,7 +202,7 @@ def generate(
     residues = "".join(prompt.split()).upper()
     bad = sorted(set(residues) - ALPHABET)
     if bad:
-        raise CommandError(f"--prompt: {', '.join(map(repr, bad))} are not amino-acid letters")
+        raise CommandError(f"--prompt: not amino-acid letters: {', '.join(map(repr, bad))}")
     if out is not None and not Path(out).parent.is_dir():
         raise CommandError(f"-o {out}: folder {Path(out).parent} does not exist")
     loaded = load_for_inference(model, device)
