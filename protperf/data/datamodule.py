@@ -423,9 +423,9 @@ class ProteinDataModule(pl.LightningDataModule):
         for split in SPLITS:
             try:
                 self._dataset(split)
-            except (OSError, KeyError) as error:
-                if isinstance(error, FileNotFoundError):
-                    raise
+            except FileNotFoundError:
+                raise
+            except (OSError, KeyError) as error:  # h5py: not HDF5, or a dataset missing
                 raise ValueError(
                     f"{self._path(split)}: not a protperf dataset ({error}); "
                     "re-run `protperf prepare-data`"

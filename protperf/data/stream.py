@@ -60,6 +60,30 @@ def file_chunks(path: str | Path, *, chunk_size: int = CHUNK) -> Iterator[bytes]
             yield chunk
 
 
+#: getaddrinfo errors that mean the name does not exist (EAI_AGAIN, "try again", is retried).
+_HOST_NOT_FOUND = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def _report_to_stderr(message: str) -> None:
+    print(f"protperf: {message}", file=sys.stderr, flush=True)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The socket-level error: urllib's URLError wraps it in ``reason``."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    return reason if isinstance(reason, BaseException) else error
+
+
+def _reason(error: BaseException) -> str:
+    cause = _cause(error)
+    return str(cause) or type(cause).__name__
+
+
+def _host_not_found(error: BaseException) -> bool:
+    cause = _cause(error)
+    return isinstance(cause, socket.gaierror) and cause.errno in _HOST_NOT_FOUND
+
+
 def download_chunks(
     url: str,
     *,
@@ -70,7 +94,7 @@ def download_chunks(
     timeout: float = 60.0,
     chunk_size: int = CHUNK,
     sleep: Callable[[float], None] = time.sleep,
-    report: Callable[[str], None] | None = None,
+    report: Callable[[str], None] = _report_to_stderr,
 ) -> Iterator[bytes]:
     """The bytes of ``url`` from offset ``start``, resuming dropped connections.
 
@@ -85,7 +109,6 @@ def download_chunks(
     ``size``, when known (RELEASE.metalink), is the total length; otherwise the server's
     Content-Length / Content-Range is trusted. A server that ignores Range is handled by skipping.
     """
-    report = report or _report_to_stderr
     position, failures, total = start, 0, size
     while total is None or position < total:
         headers = {"User-Agent": f"protperf/{__version__}"}
@@ -159,25 +182,6 @@ def download_chunks(
             f"(attempt {failures + 1} of {retries + 1})"
         )
         sleep(wait)
-
-
-def _report_to_stderr(message: str) -> None:
-    print(f"protperf: {message}", file=sys.stderr, flush=True)
-
-
-def _reason(error: BaseException) -> str:
-    """The useful part of a urllib error: URLError wraps the socket error in ``reason``."""
-    reason = error.reason if isinstance(error, urllib.error.URLError) else error
-    return str(reason) or type(reason).__name__
-
-
-def _host_not_found(error: BaseException) -> bool:
-    """Whether ``error`` says that the host name does not exist (not a temporary failure)."""
-    reason = error.reason if isinstance(error, urllib.error.URLError) else error
-    permanent = {socket.EAI_NONAME} | (
-        {socket.EAI_NODATA} if hasattr(socket, "EAI_NODATA") else set()
-    )
-    return isinstance(reason, socket.gaierror) and reason.errno in permanent
 
 
 def _total_length(response: http.client.HTTPResponse, position: int) -> int | None:
