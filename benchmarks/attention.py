@@ -6,7 +6,7 @@ features, float32 by default. Time is the median of several forward+backward pas
 three warm-up passes (fewer when they are slow: the first passes at long lengths fault in fresh
 memory); memory is the process's peak resident set size (and, on CUDA, the peak allocated).
 
-    python benchmarks/attention.py                       # the README table (CPU)
+    python benchmarks/attention.py                       # the table in docs/benchmarks.md (CPU)
     python benchmarks/attention.py --lengths 1024 8192   # a quick look
     python benchmarks/attention.py --device cuda --dtype bf16
 

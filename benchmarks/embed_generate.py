@@ -14,11 +14,11 @@ random weights, which cost the same as trained ones) is measured for:
 3. generation speed (tokens/s, batch 1) of the decoding recurrence at positions 1k and 8k,
    against re-running the full (causal FAVOR+) forward pass for every new token.
 
-Targets (issue 5): memory linear in the length (32k at most 4.5x the 8k memory, checked on the
+Targets: memory linear in the length (32k at most 4.5x the 8k memory, checked on the
 working memory; the command's total is dominated by the fixed cost of torch and the weights);
 the 8k generation rate at least 0.8x the 1k rate.
 
-    python benchmarks/embed_generate.py                 # the README table
+    python benchmarks/embed_generate.py                 # the table in docs/benchmarks.md
     python benchmarks/embed_generate.py --layers 2 --dim 256 --heads 4 --ff-dim 1024 --sample 64
 """
 

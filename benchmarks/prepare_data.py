@@ -6,7 +6,7 @@ new accession so that no two are duplicates), gzips it (``gzip -6``), packs it a
 ``knowledgebase2019_01.tar.gz`` release served by tests/uniprot_server.py on 127.0.0.1, and
 times in one run:
 
-- ``gzip -dc file.dat.gz > /dev/null`` (the baseline of the issue);
+- ``gzip -dc file.dat.gz > /dev/null`` (the baseline);
 - isal's igzip in Python (decompression alone: the floor for any gzip reader here);
 - Biopython's ``SwissProt.parse`` on the first ``--biopython-mb`` MB, extrapolated linearly to
   the whole file (it is far too slow to run on all of it);

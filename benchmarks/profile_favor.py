@@ -1,7 +1,7 @@
 """Profile one FAVOR+ forward + backward: wall time, busy device time and kernel count per length.
 
-On a GPU, FAVOR+ at a few thousand tokens waits on kernel launches rather than arithmetic (see the
-README's GPU section); this script shows how much: for each direction and length, the wall time
+On a GPU, FAVOR+ at a few thousand tokens waits on kernel launches rather than arithmetic
+(docs/benchmarks.md, "On a GPU"); this script shows how much: for each direction and length, the wall time
 of a step (median of 10 after 3 warm-ups), the device time its kernels took (torch.profiler) and
 how many kernels it launched, plus the busiest kernels at the middle length. ``--compile`` runs
 the same through torch.compile to see how many launches fusion removes.

@@ -14,12 +14,12 @@ processes on a shared machine). Then the data loader alone reads concat
 chunks (L = 8,192) from an HDF5 file in prepare-data's layout and its tokens/s is compared with
 what the model consumes.
 
-    python benchmarks/train_throughput.py                      # the README table (CPU)
+    python benchmarks/train_throughput.py                      # the table in docs/benchmarks.md (CPU)
     python benchmarks/train_throughput.py --lengths 8192 --steps 2
     python benchmarks/train_throughput.py --precision bf16-mixed --float32_matmul_precision medium
     python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --layers 6
 
-Targets (CPU, the issue's): at L = 8,192 the Performer step at most 1.5x (bidirectional) / 1.7x
+Targets (CPU): at L = 8,192 the Performer step at most 1.5x (bidirectional) / 1.7x
 (causal) OPT's; at L = 32,768 at least 5x the tokens/s of exact attention and within 8 GB peak;
 the loader at least 10x the tokens/s the model consumes.
 """

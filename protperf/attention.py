@@ -4,161 +4,67 @@ Shapes: ``q, k, v`` are ``(batch, heads, length, head_dim)``; features are
 ``(batch, heads, length, num_features)``; ``key_padding_mask`` is ``(batch, length)`` bool with
 True at padding positions (the convention of ``torch.nn.MultiheadAttention``).
 
-Kernels (one interface, :class:`FastAttention`):
+Kernels (one interface, :class:`FastAttention`; the names are :data:`Kernel`, checked by
+:func:`check_kernel`):
 
 * ``"softmax"`` – FAVOR+: phi(x) = m^-1/2 exp(W x - |x|^2/2) on x = d^-1/4 q (or k), so that
   E[phi(q).phi(k)] = exp(q.k / sqrt(d)). Orthogonal W by default (block QR, chi(d) row norms).
 * ``"relu"`` – the paper's generalized kernel: phi(x) = ReLU(W x) + 1e-3, with no projection by
   default (W = I, as the official code's "deterministic" features).
 * ``"exact"`` – softmax attention via ``scaled_dot_product_attention``: the Transformer baseline.
+
+The FAVOR+ ops themselves (fused kernels, decoding recurrence, feature maps, projections) are in
+:mod:`protperf.favor`; this module flattens batch and heads into rows, casts, pads and dispatches.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protperf.favor import FEATURE_MAPS, BidirectionalFavor, CausalFavor, flush_exp_
+from protperf.favor import (
+    FEATURE_MAPS,
+    BidirectionalFavor,
+    CausalFavor,
+    DecodeState,
+    causal_step,
+    gaussian_iid_projection,
+    gaussian_orthogonal_projection,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "KERNELS",
+    "KERNEL_NAMES",
+    "DecodeState",
+    "FastAttention",
+    "FeatureType",
+    "Kernel",
+    "check_kernel",
+]
 
 Kernel = Literal["softmax", "relu", "exact"]
+KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 FeatureType = Literal["orthogonal", "iid", "deterministic"]
 
-SOFTMAX_STABILIZER = FEATURE_MAPS["softmax"].default_eps  # 1e-6, as the official code
-RELU_STABILIZER = FEATURE_MAPS["relu"].default_eps  # 1e-3
+#: Rows of the paper's Table 2.
+KERNEL_NAMES: dict[Kernel, str] = {
+    "softmax": "Performer (softmax)",
+    "relu": "Performer (generalized)",
+    "exact": "Transformer",
+}
+
 DEFAULT_CHUNK_SIZE = 64
 
 
-# ---------------------------------------------------------------------------------------------
-# Random projections
-# ---------------------------------------------------------------------------------------------
-
-
-def gaussian_orthogonal_projection(
-    num_features: int, dim: int, *, generator: torch.Generator, scaling: str = "chi"
-) -> Tensor:
-    """Orthogonal random features W: (num_features, dim), float32, on the CPU.
-
-    ceil(m/d) blocks, each the Q factor of a QR of a d x d Gaussian, so rows within a block are
-    exactly orthogonal. Rows are rescaled to the norms of independent N(0, I_d) vectors
-    (``scaling="chi"``, the paper's "scaling 0": each row is then marginally N(0, I_d)) or to
-    sqrt(d) (``scaling="sqrt_d"``).
-    """
-    blocks = []
-    for _ in range(math.ceil(num_features / dim)):
-        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64, device="cpu")
-        # numpy's QR: torch's spends milliseconds in thread start-up for a d x d matrix.
-        q, r = (torch.from_numpy(x) for x in np.linalg.qr(gaussian.numpy()))
-        # Sign-fix so that Q is Haar-distributed (QR alone leaves a sign bias).
-        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-        blocks.append(q.T)
-    projection = torch.cat(blocks, dim=0)[:num_features]
-    if scaling == "chi":
-        norms = torch.randn(
-            num_features, dim, generator=generator, dtype=torch.float64, device="cpu"
-        ).norm(dim=1)
-    elif scaling == "sqrt_d":
-        norms = torch.full((num_features,), math.sqrt(dim), dtype=torch.float64, device="cpu")
-    else:
-        raise ValueError(f"scaling must be 'chi' or 'sqrt_d', got {scaling!r}")
-    return (projection * norms.unsqueeze(1)).float()
-
-
-def gaussian_iid_projection(num_features: int, dim: int, *, generator: torch.Generator) -> Tensor:
-    """I.i.d. N(0, I_d) random features W: (num_features, dim), float32, on the CPU."""
-    return torch.randn(
-        num_features, dim, generator=generator, dtype=torch.float64, device="cpu"
-    ).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature maps
-# ---------------------------------------------------------------------------------------------
-
-
-def softmax_kernel_features(
-    x: Tensor,
-    projection: Tensor,
-    *,
-    is_query: bool | None = None,
-    key_padding_mask: Tensor | None = None,
-    eps: float = SOFTMAX_STABILIZER,
-) -> Tensor:
-    """Positive random features of the softmax kernel. x: (..., L, d) -> (..., L, m).
-
-    With ``is_query=None`` this is the plain estimator m^-1/2 exp(W x' - |x'|^2/2), x' = d^-1/4 x,
-    whose dot products are unbiased for exp(q.k/sqrt(d)). Inside attention the features are
-    stabilised as in the official code, by factors that cancel between numerator and normaliser:
-
-    * queries (``is_query=True``): exp(W x' - max_j (W x')_j) + eps – the per-position factors
-      exp(-|x'|^2/2) and exp(-max) cancel in the row normalisation;
-    * keys (``is_query=False``): exp(W x' - |x'|^2/2 - M) + eps with one M per (batch, head), the
-      max over the non-padded positions; padded keys get zero features.
-    """
-    dim = x.shape[-1]
-    scaled = x * dim**-0.25
-    logits = scaled @ projection.T.to(scaled.dtype)
-    ratio = projection.shape[0] ** -0.5
-    if is_query is None:
-        half_norm = scaled.pow(2).sum(-1, keepdim=True) / 2
-        return ratio * torch.exp(logits - half_norm)
-    if is_query:
-        features = torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach()) + eps
-        return ratio * features
-    logits = logits - scaled.pow(2).sum(-1, keepdim=True) / 2
-    if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, :, None]
-        key_max = logits.detach().masked_fill(pad, -torch.inf).amax(dim=(-2, -1), keepdim=True)
-        features = (torch.exp(logits - key_max) + eps).masked_fill(pad, 0.0)
-    else:
-        key_max = logits.detach().amax(dim=(-2, -1), keepdim=True)
-        features = torch.exp(logits - key_max) + eps
-    return ratio * features
-
-
-def relu_kernel_features(
-    x: Tensor,
-    projection: Tensor | None,
-    *,
-    key_padding_mask: Tensor | None = None,
-    eps: float = RELU_STABILIZER,
-) -> Tensor:
-    """Generalized-kernel features ReLU(W x) + eps (W = I when ``projection`` is None).
-
-    x: (..., L, d) -> (..., L, m) (m = d without a projection); padded keys get zero features.
-    """
-    logits = x if projection is None else x @ projection.T.to(x.dtype)
-    features = F.relu(logits) + eps
-    if key_padding_mask is not None:
-        features = features.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    return features
-
-
-# ---------------------------------------------------------------------------------------------
-# The module
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DecodeState:
-    """What one causal attention layer remembers while decoding token by token.
-
-    FAVOR+ (constant size, whatever the length):
-        context (B, H, m, d+1): sum over past keys of E_k^T [v, 1], at the scale exp(-key_max);
-        value_sum (B, H, 1, d+1): sum over past keys of [v, 1] (the stabiliser's share);
-        key_max (B, H, 1, 1): the running max of the key logits (softmax kernel only).
-    Exact attention (grows with the length): context holds the keys (B, H, t, d), value_sum the
-    values (B, H, t, d).
-    """
-
-    context: Tensor
-    value_sum: Tensor
-    key_max: Tensor | None = None
+def check_kernel(kernel: str) -> Kernel:
+    """``kernel`` itself if it names one of :data:`KERNELS`; ValueError otherwise."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'softmax', 'relu' or 'exact', got {kernel!r}")
+    return kernel
 
 
 def _contiguous_as(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -198,8 +104,7 @@ class FastAttention(nn.Module):
         stabilizer: float | None = None,
     ) -> None:
         super().__init__()
-        if kernel not in ("softmax", "relu", "exact"):
-            raise ValueError(f"kernel must be 'softmax', 'relu' or 'exact', got {kernel!r}")
+        check_kernel(kernel)
         if feature_type is None:
             feature_type = "deterministic" if kernel == "relu" else "orthogonal"
         if feature_type not in ("orthogonal", "iid", "deterministic"):
@@ -298,9 +203,10 @@ class FastAttention(nn.Module):
     ) -> tuple[Tensor, DecodeState]:
         """One decoding step of causal attention: q, k, v (B, H, 1, d) -> (B, H, 1, d), new state.
 
-        FAVOR+ keeps an m x (d+1) state per head, so a step costs O(m d) whatever the position.
-        The result equals the causal forward pass at that position (both scale keys by the
-        running max of their logits, which only the past determines), up to rounding.
+        FAVOR+ (:func:`protperf.favor.causal_step`, in float32 at least) keeps an m x (d+1) state
+        per head, so a step costs O(m d) whatever the position. The result equals the causal
+        forward pass at that position (both scale keys by the running max of their logits, which
+        only the past determines), up to rounding. Exact attention keeps the past keys and values.
         """
         if not self.causal:
             raise RuntimeError("step() decodes causal attention; this module is bidirectional")
@@ -312,27 +218,8 @@ class FastAttention(nn.Module):
         dtype = v.dtype
         compute = torch.promote_types(dtype, torch.float32)
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
-        w = self.feature_weights(compute)
-        feature_map = self.feature_map
-        values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, 1, d+1)
-        query_features = feature_map.queries(q, w)
-        key_features, key_max = feature_map.keys(k, w, None)
-        if key_max is not None:  # softmax: scale the new key, and the past, to the running max
-            log_scale = key_max
-            if state is not None:
-                key_max = torch.maximum(log_scale, state.key_max)
-            key_features = key_features * flush_exp_(log_scale - key_max)
-        context = key_features.transpose(-2, -1) @ values  # (B, H, m, d+1)
-        value_sum = values
-        if state is not None:
-            previous = state.context
-            if key_max is not None:
-                previous = previous * flush_exp_(state.key_max - key_max)
-            context, value_sum = context + previous, values + state.value_sum
-        eps = feature_map.eps
-        out = (query_features + eps) @ (context + eps * value_sum)
-        out = out[..., :-1] / out[..., -1:]
-        return out.to(dtype), DecodeState(context, value_sum, key_max)
+        out, state = causal_step(q, k, v, self.feature_weights(compute), self.feature_map, state)
+        return out.to(dtype), state
 
     def _exact(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         if key_padding_mask is None:

@@ -1,7 +1,8 @@
 """The `protperf` command: one verb per module, imported only when that verb runs.
 
-Each verb module exposes ``main(argv: list[str]) -> int | None``; its own parser (jsonargparse or
-LightningCLI) gives the verb's ``--help``. Keeping imports lazy makes ``protperf --help`` instant.
+Each verb module exposes ``main(argv: list[str]) -> int``, which runs the verb's typed function
+through :mod:`protperf.commandline` (the one mechanism behind every verb's options and
+``--help``). Keeping imports lazy makes ``protperf --help`` instant.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from protperf import __version__
 from protperf.runtime import tune_process
 
-#: verb -> (module, one-line summary). A verb joins this table when its issue lands.
+#: verb -> (module, one-line summary).
 VERBS: dict[str, tuple[str, str]] = {
     "prepare-data": (
         "protperf.prepare",
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
-        print(f"protperf: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        known = ", ".join(VERBS)
+        print(f"protperf: error: unknown verb {verb!r}: use one of {known} (see protperf --help)",
+              file=sys.stderr)  # fmt: skip
         return 2
     tune_process(runs_models=verb in MODEL_VERBS)  # before torch: see protperf/runtime.py
     module = importlib.import_module(VERBS[verb][0])

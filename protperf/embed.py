@@ -1,6 +1,6 @@
 """`protperf embed`: protein (and residue) embeddings of a FASTA file, in the manner of ESM's extract.
 
-    protperf embed sequences.fasta --model MODEL [-o embeddings.h5] [--per-residue]
+    protperf embed sequences.fasta [--model MODEL] [-o embeddings.h5] [--per-residue]
         [--layers -1 ...] [--tokens-per-batch N] [--device cpu|cuda] [--precision 32|bf16-mixed]
         [--skip-invalid]
 
@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from protperf import __version__, runtime
-from protperf.commandline import CommandError, run_verb
+from protperf.commandline import run_verb
+from protperf.errors import InputError
 from protperf.fasta import FastaRecord, read_fasta
 from protperf.inference import (
     Precision,
@@ -52,7 +53,7 @@ from protperf.inference import (
 )
 from protperf.model import PerformerLM
 from protperf.runtime import MatmulPrecision
-from protperf.tokenizer import BOS, EOS, PAD, encode
+from protperf.tokenizer import batch_encode, encode
 
 DEFAULT_TOKENS_PER_BATCH = 4096  # ESM extract's default
 _FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fna", ".seq")
@@ -64,13 +65,13 @@ def resolve_layers(layers: Sequence[int], depth: int) -> list[int]:
     for layer in layers:
         index = layer + depth + 1 if layer < 0 else layer
         if not 0 <= index <= depth:
-            raise CommandError(
+            raise InputError(
                 f"--layers {layer}: this model has layers 0..{depth} (or -{depth + 1}..-1)"
             )
         if index not in resolved:
             resolved.append(index)
     if not resolved:
-        raise CommandError("--layers needs at least one layer")
+        raise InputError("--layers needs at least one layer")
     return resolved
 
 
@@ -95,22 +96,6 @@ def token_budget_batches(lengths: Sequence[int], tokens_per_batch: int) -> list[
     if current:
         batches.append(current)
     return batches
-
-
-def pad_batch(sequences: Sequence[np.ndarray]) -> tuple[Tensor, Tensor | None]:
-    """Residue ids -> ``<bos> seq <eos>`` rows padded to the longest.
-
-    Returns tokens (B, L_max + 2) int64 and padding_mask (B, L_max + 2) bool (True at padding),
-    or None when no row is padded (lets exact attention take its fused path).
-    """
-    length = max(len(s) for s in sequences) + 2
-    tokens = torch.full((len(sequences), length), PAD, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        tokens[row, 0] = BOS
-        tokens[row, 1 : len(sequence) + 1] = torch.from_numpy(sequence.astype(np.int64))
-        tokens[row, len(sequence) + 1] = EOS
-    padding = tokens == PAD
-    return tokens, (padding if bool(padding.any()) else None)
 
 
 @torch.no_grad()
@@ -138,7 +123,7 @@ def embed_tokens(
     device = torch.device(device)
     lengths = [len(s) + 2 for s in sequences]
     for batch in token_budget_batches(lengths, tokens_per_batch):
-        tokens, padding_mask = pad_batch([sequences[i] for i in batch])
+        tokens, padding_mask = batch_encode([sequences[i] for i in batch])
         tokens = tokens.to(device)
         padding_mask = None if padding_mask is None else padding_mask.to(device)
         with autocast(device, precision):
@@ -209,7 +194,7 @@ def write_embeddings(
 
 def embed(
     fasta: Path,
-    model: str,
+    model: str | None = None,
     out: Path | None = None,
     per_residue: bool = False,
     layers: tuple[int, ...] = (-1,),
@@ -222,12 +207,13 @@ def embed(
     """Embed the proteins of a FASTA file with a protperf model into an HDF5 file.
 
     Writes the datasets ids, descriptions and mean (N x D float32, mean over residues), plus
-    residues and offsets with --per-residue; see the README for the layout. Proteins are
+    residues and offsets with --per-residue (the layout: docs/data.md). Proteins are
     never cropped. The output appears only when complete; an invalid input writes nothing.
 
     Args:
         fasta: FASTA file (plain or gzipped); lower case accepted, a final '*' removed.
-        model: a run folder, an exported model folder or a Lightning .ckpt.
+        model: a packaged model's name, a run folder, an export folder or a Lightning .ckpt
+            (default: the most recent export under ./runs).
         out: output HDF5 (default: the FASTA name with .h5, in the current folder).
         per_residue: also store every residue's embedding (residues, offsets).
         layers: layers to return: 0 = token embedding, i = block i, -1 = final (layer-normed).
@@ -243,9 +229,9 @@ def embed(
     fasta = Path(fasta)
     out = Path(out) if out is not None else default_output(fasta)
     if not out.parent.is_dir():
-        raise CommandError(f"-o {out}: folder {out.parent} does not exist")
+        raise InputError(f"-o {out}: folder {out.parent} does not exist")
     if tokens_per_batch <= 0:
-        raise CommandError(f"--tokens-per-batch must be positive, got {tokens_per_batch}")
+        raise InputError(f"--tokens-per-batch must be positive, got {tokens_per_batch}")
     records, skipped = read_fasta(fasta, skip_invalid=skip_invalid)
     loaded = load_for_inference(model, device)
     config = loaded.config
@@ -254,7 +240,7 @@ def embed(
         limit = config.max_length - 2
         for number, record in enumerate(records, start=1):
             if len(record.sequence) > limit:
-                raise CommandError(
+                raise InputError(
                     f"{fasta}: record {number} ({record.id!r}) has {len(record.sequence)} "
                     f"residues; this model's learned positions read at most {limit}"
                 )

@@ -1,6 +1,6 @@
 """`protperf evaluate`: accuracy and perplexity per split next to the empirical unigram baseline.
 
-    protperf evaluate --model MODEL --data DIR [--split test ood valid ...] [--format table|json]
+    protperf evaluate [--model MODEL] [--data DIR] [--split test ood valid ...] [--format table|json]
         [--concat] [--seed S] [--tokens-per-batch N] [--device cpu|cuda]
 
 The numbers are the paper's (Table 2) and the training run's: token-weighted accuracy and
@@ -30,58 +30,19 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from protperf import runtime
-from protperf.commandline import CommandError, run_verb
+from protperf.commandline import run_verb
+from protperf.data.publish import DATA_DIR, find_dataset
+from protperf.errors import InputError
 from protperf.inference import LoadedModel, Precision, autocast, load_for_inference
-from protperf.lit import MaskingConfig, mask_tokens, sample_uniforms, token_statistics
-from protperf.model import IGNORE_INDEX
+from protperf.objectives import IGNORE_INDEX, MaskingConfig, objective_batch, token_statistics
 from protperf.runtime import MatmulPrecision
 from protperf.tokenizer import EOS, FIRST_RESIDUE_ID, VOCAB_SIZE
 
 BASELINE_NAME = "empirical unigram baseline"
 DEFAULT_TOKENS_PER_BATCH = 16384
 _COUNT_CHUNK = 1 << 26  # tokens read at a time when counting the train split
-
-
-# ---------------------------------------------------------------------------------------------
-# The objectives: what is predicted where (the LightningModules' prepare_batch, as functions)
-# ---------------------------------------------------------------------------------------------
-
-
-def next_token_targets(
-    tokens: Tensor, padding_mask: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Unidirectional objective. tokens, padding_mask: (B, L).
-
-    Returns inputs (B, L-1) = tokens[:, :-1], targets (B, L-1) = tokens[:, 1:] with
-    ``IGNORE_INDEX`` at padding, and the inputs' padding mask (None when nothing is padded).
-    """
-    targets = tokens[:, 1:].clone()
-    input_padding = None
-    if padding_mask is not None:
-        targets = targets.masked_fill(padding_mask[:, 1:], IGNORE_INDEX)
-        input_padding = padding_mask[:, :-1]
-        if not bool(input_padding.any()):
-            input_padding = None
-    return tokens[:, :-1], targets, input_padding
-
-
-def masked_targets(
-    tokens: Tensor,
-    padding_mask: Tensor | None,
-    sample_seeds: Sequence[int],
-    masking: MaskingConfig | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Bidirectional objective: BERT corruption drawn from each sequence's seed.
-
-    Returns inputs (B, L) corrupted, targets (B, L) (the original residue at selected positions,
-    ``IGNORE_INDEX`` elsewhere) and the padding mask unchanged.
-    """
-    uniforms = sample_uniforms(list(sample_seeds), tokens.shape[1])
-    inputs, targets = mask_tokens(tokens, uniforms, **asdict(masking or MaskingConfig()))
-    return inputs, targets, padding_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,12 +139,10 @@ def evaluate_loader(
     count = items = 0
     target_counts = torch.zeros(VOCAB_SIZE, dtype=torch.int64)
     for batch in loader:
-        tokens, padding = batch["tokens"], batch["padding_mask"]
-        if loaded.config.causal:
-            inputs, targets, input_padding = next_token_targets(tokens, padding)
-        else:
-            seeds = batch["sample_seed"].tolist()
-            inputs, targets, input_padding = masked_targets(tokens, padding, seeds, masking)
+        prepared = objective_batch(batch, causal=loaded.config.causal, masking=masking)
+        inputs, targets, input_padding = (
+            prepared["inputs"], prepared["targets"], prepared["padding_mask"]
+        )  # fmt: skip
         with autocast(device, precision):
             logits = model(
                 inputs.to(device), None if input_padding is None else input_padding.to(device)
@@ -192,7 +151,7 @@ def evaluate_loader(
         nll_sum += float((nll.double() * counted).sum())
         correct_sum += float(correct.double().sum())
         count += int(counted.sum())
-        items += tokens.shape[0]
+        items += inputs.shape[0]
         predicted = targets[targets != IGNORE_INDEX]
         target_counts += torch.bincount(predicted, minlength=VOCAB_SIZE)[:VOCAB_SIZE]
         if progress is not None:
@@ -215,7 +174,7 @@ def evaluate_model(
 ) -> list[SplitResult]:
     """Evaluate ``loaded`` on ``splits`` of a prepared dataset, with the unigram baseline.
 
-    Splits that are absent or empty raise :class:`CommandError` when ``explicit_splits``, and
+    Splits that are absent or empty raise :class:`InputError` when ``explicit_splits``, and
     are skipped with a note on stderr otherwise.
     """
     from tqdm import tqdm
@@ -225,20 +184,20 @@ def evaluate_model(
     data = Path(data)
     config = loaded.config
     if not data.is_dir():
-        raise CommandError(f"--data {data}: no such folder (run `protperf prepare-data`)")
+        raise InputError(f"--data {data}: no such folder (run `protperf prepare-data`)")
     train_path = data / "train.h5"
     if not train_path.is_file():
-        raise CommandError(f"{train_path} not found: the unigram baseline counts the train split")
+        raise InputError(f"{train_path} not found: the unigram baseline counts the train split")
     if max_length is None:
         max_length = config.max_length
     if max_length < 2 or (config.positions == "learned" and max_length > config.max_length):
-        raise CommandError(
+        raise InputError(
             f"--max-length {max_length}: must be in [2, {config.max_length}] for this model"
         )
     if concat and config.positions == "rotary":
         max_length = sys.maxsize  # chunks are read whole; rotary positions have no cap
     if tokens_per_batch <= 0:
-        raise CommandError(f"--tokens-per-batch must be positive, got {tokens_per_batch}")
+        raise InputError(f"--tokens-per-batch must be positive, got {tokens_per_batch}")
     loader_config = LoaderConfig(
         batch_size=1, token_budget=tokens_per_batch, num_workers=0, pin_memory=False
     )
@@ -258,11 +217,11 @@ def evaluate_model(
             try:
                 loader = datamodule.eval_dataloader(split)
             except ValueError as error:  # no concat data, chunks beyond learned positions
-                raise CommandError(f"{path}: {error}") from error
+                raise InputError(f"{path}: {error}") from error
         if loader is None:
             message = f"{path}: {'no such file' if not path.exists() else f'no {what}'}"
             if explicit_splits:
-                raise CommandError(message)
+                raise InputError(message)
             print(f"protperf evaluate: skipping {split} ({message})", file=sys.stderr)
             continue
         with tqdm(
@@ -277,7 +236,7 @@ def evaluate_model(
                 progress=progress,
             )
         if count == 0:
-            raise CommandError(f"{path}: no predicted tokens in {items} {what}")
+            raise InputError(f"{path}: no predicted tokens in {items} {what}")
         baseline = Scores(*score_unigram(log_probs, target_counts))
         model_scores = Scores(correct / count, math.exp(nll / count))
         results.append(
@@ -329,8 +288,8 @@ def format_table(results: Sequence[SplitResult], *, mode: str, model_name: str) 
 
 
 def evaluate(
-    model: str,
-    data: Path,
+    model: str | None = None,
+    data: Path | None = None,
     split: tuple[str, ...] | None = None,
     format: Literal["table", "json"] = "table",
     concat: bool = False,
@@ -349,8 +308,10 @@ def evaluate(
     training) for a bidirectional one.
 
     Args:
-        model: a run folder, an exported model folder or a Lightning .ckpt.
-        data: a folder written by `protperf prepare-data` (train.h5 needed for the baseline).
+        model: a packaged model's name, a run folder, an export folder or a Lightning .ckpt
+            (default: the most recent export under ./runs).
+        data: a folder written by `protperf prepare-data` (train.h5 needed for the baseline;
+            default: the one prepared dataset under ./data).
         split: splits to evaluate (default: test ood; with --concat: valid).
         format: table (Markdown, as the paper's Table 2) or json.
         concat: evaluate on the concat chunks instead of single sequences.
@@ -364,6 +325,9 @@ def evaluate(
             float32 even under autocast), highest = IEEE float32, medium = bfloat16 on
             CPUs with AMX too. A CPU gives the same numbers with high and highest.
     """
+    if data is None:
+        data = find_dataset()
+        print(f"using --data {data} (the prepared dataset under {DATA_DIR}/)", file=sys.stderr)
     explicit = split is not None
     splits = list(split) if split is not None else (["valid"] if concat else ["test", "ood"])
     loaded = load_for_inference(model, device)
@@ -380,7 +344,7 @@ def evaluate(
             explicit_splits=explicit,
         )
     if not results:
-        raise CommandError(f"{data}: none of the splits {splits} holds data")
+        raise InputError(f"{data}: none of the splits {splits} holds data")
     if format == "json":
         report = {
             "model": str(loaded.path),

@@ -2,8 +2,9 @@
 
 An exported folder holds ``model.safetensors`` (the :class:`~protperf.model.PerformerLM` weights,
 random features included), ``config.json`` (``{"model": PerformerConfig fields, "mode": ...}``)
-and ``tokenizer.json``. :func:`load_model` reads that folder, a training run folder, or a
-Lightning ``.ckpt`` (with ``torch.load(weights_only=True)``).
+and ``tokenizer.json``. :func:`read_model` reads that folder, a training run folder, or a
+Lightning ``.ckpt`` (with ``torch.load(weights_only=True)``); :func:`protperf.load_model` also
+takes the name of a packaged model.
 """
 
 from __future__ import annotations
@@ -71,14 +72,13 @@ def model_from_state_dict(
     return model
 
 
-def load_model(
-    path: str | Path, *, device: str | torch.device = "cpu"
-) -> tuple[PerformerLM, PerformerConfig]:
+def read_model(path: str | Path, *, device: str | torch.device = "cpu") -> PerformerLM:
     """Load a model for inference (eval mode) from an export folder, a run folder or a .ckpt.
 
-    A run folder resolves to its ``export/`` when present, else ``checkpoints/last.ckpt``.
-    Raises ``FileNotFoundError`` when nothing loadable is found and ``RuntimeError`` naming the
-    missing or unexpected keys when the weights do not match the config.
+    A run folder resolves to its ``export/`` when present, else ``checkpoints/last.ckpt``. The
+    config is ``model.config``. Raises ``FileNotFoundError`` when nothing loadable is found and
+    ``RuntimeError`` naming the missing or unexpected keys when the weights do not match the
+    config.
     """
     path = Path(path)
     if path.is_dir():
@@ -108,4 +108,4 @@ def load_model(
         config = PerformerConfig.from_dict(json.loads(config_path.read_text())["model"])
         model = PerformerLM(config)
         load_safetensors(model, str(path), strict=True)
-    return model.to(device).eval(), config
+    return model.to(device).eval()

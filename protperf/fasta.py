@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from protperf.commandline import CommandError
+from protperf.errors import InputError
 from protperf.tokenizer import RESIDUES
 
 ALPHABET = frozenset(RESIDUES)
 MAX_LISTED = 10  # problems spelled out in one error message
 
 
-class FastaError(CommandError, ValueError):
+class FastaError(InputError):
     """A FASTA file that cannot be used; the message names the file and the record."""
 
 

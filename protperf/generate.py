@@ -1,6 +1,6 @@
 """`protperf generate`: sample proteins from a unidirectional model, one token at a time.
 
-    protperf generate --model MODEL [-n 10] [--prompt MKT...] [--temperature T] [--top-p P]
+    protperf generate [--model MODEL] [-n 10] [--prompt MKT...] [--temperature T] [--top-p P]
         [--max-length N] [--seed S] [-o out.fasta]
 
 Decoding uses the causal recurrence (:meth:`protperf.model.PerformerLM.decode_step`): for FAVOR+
@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from protperf.commandline import CommandError, run_verb
+from protperf.commandline import run_verb
+from protperf.errors import InputError
 from protperf.fasta import ALPHABET, FastaRecord, write_fasta
 from protperf.inference import atomic_output, load_for_inference
-from protperf.model import PerformerLM, derive_seed
+from protperf.model import PerformerLM
+from protperf.seeds import derive_seed
 from protperf.tokenizer import BOS, EOS, FIRST_RESIDUE_ID, VOCAB_SIZE, decode, encode
 
 #: Tokens a generated sequence may contain (residues), plus <eos>, which ends it.
@@ -108,7 +110,7 @@ def generate_tokens(
     """
     prompt = np.zeros(0, dtype=np.uint8) if prompt is None else np.asarray(prompt)
     if len(prompt) >= max_length:
-        raise CommandError(f"the prompt has {len(prompt)} residues, --max-length is {max_length}")
+        raise InputError(f"the prompt has {len(prompt)} residues, --max-length is {max_length}")
     device = torch.device(device)
     context = [BOS, *(int(t) for t in prompt)]
     results: list[Generated] = []
@@ -166,7 +168,7 @@ def _write(records: list[FastaRecord], out: Path | None) -> None:
 
 
 def generate(
-    model: str,
+    model: str | None = None,
     num: int = 10,
     prompt: str = "",
     temperature: float = 1.0,
@@ -183,7 +185,8 @@ def generate(
     letters are emitted; <eos> ends a sequence.
 
     Args:
-        model: a run folder, an exported model folder or a Lightning .ckpt (unidirectional).
+        model: a packaged model's name, a run folder, an export folder or a Lightning .ckpt
+            (default: the most recent unidirectional export under ./runs).
         num: number of proteins.
         prompt: residues every protein starts with (e.g. MKT), any case.
         temperature: softmax temperature; 0 = greedy (argmax).
@@ -196,19 +199,19 @@ def generate(
         device: cpu, cuda or cuda:N.
     """
     if num <= 0 or batch_size <= 0:
-        raise CommandError("-n and --batch-size must be positive")
+        raise InputError("-n and --batch-size must be positive")
     if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise CommandError("--temperature must be >= 0 and --top-p in (0, 1]")
+        raise InputError("--temperature must be >= 0 and --top-p in (0, 1]")
     residues = "".join(prompt.split()).upper()
     bad = sorted(set(residues) - ALPHABET)
     if bad:
-        raise CommandError(f"--prompt: not amino-acid letters: {', '.join(map(repr, bad))}")
+        raise InputError(f"--prompt: not amino-acid letters: {', '.join(map(repr, bad))}")
     if out is not None and not Path(out).parent.is_dir():
-        raise CommandError(f"-o {out}: folder {Path(out).parent} does not exist")
-    loaded = load_for_inference(model, device)
+        raise InputError(f"-o {out}: folder {Path(out).parent} does not exist")
+    loaded = load_for_inference(model, device, causal=True)
     config = loaded.config
     if not config.causal:
-        raise CommandError(
+        raise InputError(
             f"--model {loaded.path} is a bidirectional (masked) model; generate samples from "
             "unidirectional (causal) models only"
         )
@@ -216,7 +219,7 @@ def generate(
     if max_length is None:
         max_length = config.max_length - 2
     if max_length <= 0 or (limit is not None and max_length > limit):
-        raise CommandError(
+        raise InputError(
             f"--max-length {max_length}: must be in [1, {limit or 'any'}] for this model"
         )
     from tqdm import tqdm

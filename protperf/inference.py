@@ -1,11 +1,12 @@
 """What the inference verbs (embed, evaluate, generate) share: loading a model onto a device,
-mixed precision, a fingerprint of the weights, and the paper's name for a model's kernel."""
+mixed precision, a fingerprint of the weights, and writing an output file whole."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,19 +14,13 @@ from typing import Literal
 
 import torch
 
-from protperf.commandline import CommandError
+from protperf.attention import KERNEL_NAMES
 from protperf.durable import sync_parent, sync_tree
+from protperf.errors import InputError
 from protperf.model import PerformerConfig, PerformerLM
 
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-#: Rows of the paper's Table 2.
-KERNEL_NAMES = {
-    "softmax": "Performer (softmax)",
-    "relu": "Performer (generalized)",
-    "exact": "Transformer",
-}
 
 
 @dataclass
@@ -58,26 +53,35 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise CommandError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from error
+        raise InputError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}: CUDA is not available on this machine")
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
     return resolved
 
 
-def load_for_inference(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Load a run folder, an export folder or a Lightning ``.ckpt`` (nothing unpickled), in eval
-    mode on ``device``; any loading failure becomes a :class:`CommandError` naming the path."""
-    from protperf.export import load_model
+def load_for_inference(
+    name_or_path: str | Path | None, device: str = "cpu", *, causal: bool | None = None
+) -> LoadedModel:
+    """Load a model by packaged name or path (a run folder, an export folder or a Lightning
+    ``.ckpt``; nothing unpickled), in eval mode on ``device``.
+
+    None: the default model (:func:`protperf.pretrained.default_model`, a causal one when
+    ``causal``), named on stderr. Any loading failure is an :class:`InputError` naming the model.
+    """
+    from protperf.export import read_model
+    from protperf.pretrained import default_model, resolve_model
 
     resolved = resolve_device(device)
-    path = Path(path)
-    if not path.exists():
-        raise CommandError(f"--model {path}: no such file or folder")
+    if name_or_path is None:
+        path = default_model(causal=causal)
+        print(f"using --model {path} (the most recent export)", file=sys.stderr)
+    else:
+        path = resolve_model(name_or_path)
     try:
-        model, config = load_model(path, device=resolved)
+        model = read_model(path, device=resolved)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as error:
-        raise CommandError(f"--model {path}: cannot load a protperf model ({error})") from error
-    return LoadedModel(model, config, path, resolved)
+        raise InputError(f"--model {path}: cannot load a protperf model ({error})") from error
+    return LoadedModel(model, model.config, path, resolved)
 
 
 @contextlib.contextmanager
@@ -90,7 +94,7 @@ def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
         yield
         return
     if precision not in AUTOCAST_DTYPES:
-        raise CommandError(f"precision must be one of 32, bf16-mixed, 16-mixed, not {precision!r}")
+        raise InputError(f"precision must be one of 32, bf16-mixed, 16-mixed, not {precision!r}")
     with torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision]):
         yield
 

@@ -1,21 +1,13 @@
 """LightningModules: the unidirectional (causal) and bidirectional (masked) protein LMs.
 
-Both wrap :class:`protperf.model.PerformerLM` and differ only in how a batch of tokens becomes
-(inputs, targets): the unidirectional model predicts token t+1 from tokens <= t over
-``<bos> sequence <eos>``; the bidirectional one replaces 15% of the residues (80% ``<mask>``,
-10% a random residue, 10% unchanged, BERT's recipe) and predicts them.
+Both wrap :class:`protperf.model.PerformerLM` and differ only in their objective
+(:mod:`protperf.objectives`: next token, or BERT's masking drawn from a seed per sample), applied
+to the data module's batches on the CPU before the device transfer. Metrics are logged as
+``{train,valid,test,ood}/{accuracy,perplexity}``.
 
-Metrics (the paper's): token-weighted accuracy and perplexity = exp(mean cross-entropy), over the
-predicted positions only (padding excluded; masked positions for the bidirectional model), logged
-as ``{train,valid,test,ood}/{accuracy,perplexity}`` with torchmetrics, so that their sums are
-reduced across data-parallel ranks before the ratio is taken.
-
-Randomness that must not depend on the process layout is seeded per sample: the data module
-gives every sequence (crop) a ``sample_seed`` and the masks are drawn from it, so DDP shards,
-batch composition, worker count and a resumed run all see the same masks. Features are redrawn
-every ``redraw_every`` steps from a seed derived from the global step, identical on all ranks;
-``redraw_until`` stops the redraws at a step, so that the model trains its last steps on, and is
-evaluated with, the one draw it keeps.
+Features are redrawn every ``redraw_every`` steps from a seed derived from the global step,
+identical on all ranks and in a resumed run; ``redraw_until`` stops the redraws at a step, so
+that the model trains its last steps on, and is evaluated with, the one draw it keeps.
 """
 
 from __future__ import annotations
@@ -27,16 +19,19 @@ from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torchmetrics import Metric
+from torch import Tensor
 
-from protperf.model import IGNORE_INDEX, PerformerConfig, PerformerLM, derive_seed
-from protperf.tokenizer import FIRST_RESIDUE_ID, MASK, VOCAB_SIZE
+from protperf.data.paper import SPLITS
+from protperf.model import PerformerConfig, PerformerLM
+from protperf.objectives import (
+    LMMetrics,
+    MaskingConfig,
+    mean_loss,
+    objective_batch,
+    token_statistics,
+)
+from protperf.seeds import derive_seed
 
-NUM_RESIDUES = VOCAB_SIZE - FIRST_RESIDUE_ID
-SPLITS = ("train", "valid", "test", "ood")
-_MASK_SALT = 0x6D61736B  # "mask": keeps mask draws independent of the data module's crop draws
 _REDRAW_SALT = 0x72656472  # "redr"
 
 
@@ -71,71 +66,9 @@ class OptimConfig:
             raise ValueError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
 
 
-@dataclass
-class MaskingConfig:
-    """Masked-LM corruption (BERT's recipe by default)."""
-
-    mask_prob: float = 0.15
-    """Fraction of the residues selected for prediction (<bos>, <eos>, <pad> never are)."""
-    mask_token_prob: float = 0.8
-    """Of the selected, the fraction replaced by <mask>."""
-    random_token_prob: float = 0.1
-    """Of the selected, the fraction replaced by a random residue (the rest stay unchanged)."""
-
-    def __post_init__(self) -> None:
-        probs = (self.mask_prob, self.mask_token_prob, self.random_token_prob)
-        if (
-            not all(0.0 <= p <= 1.0 for p in probs)
-            or self.mask_token_prob + self.random_token_prob > 1
-        ):
-            raise ValueError(f"invalid masking probabilities {self}")
-
-
 # ---------------------------------------------------------------------------------------------
-# Pure functions: corruption, per-sample random draws, learning-rate schedule
+# Learning-rate schedule
 # ---------------------------------------------------------------------------------------------
-
-
-def mask_tokens(
-    tokens: Tensor,
-    uniforms: Tensor,
-    *,
-    mask_prob: float = 0.15,
-    mask_token_prob: float = 0.8,
-    random_token_prob: float = 0.1,
-) -> tuple[Tensor, Tensor]:
-    """BERT-style corruption of residue tokens, deterministic given the uniform draws.
-
-    Args:
-        tokens: (B, L) token ids; only residues (ids >= FIRST_RESIDUE_ID) can be selected, never
-            <bos>, <eos>, <pad>.
-        uniforms: (B, L, 3) values in [0, 1): selection, replacement kind, random residue.
-
-    Returns:
-        (inputs, targets), each (B, L): inputs with <mask> / random residues substituted; targets
-        holding the original token at selected positions and ``IGNORE_INDEX`` elsewhere.
-    """
-    select, kind, pick = uniforms.unbind(-1)
-    selected = (tokens >= FIRST_RESIDUE_ID) & (select < mask_prob)
-    to_mask = selected & (kind < mask_token_prob)
-    to_random = selected & (kind >= mask_token_prob) & (kind < mask_token_prob + random_token_prob)
-    random_ids = FIRST_RESIDUE_ID + (pick * NUM_RESIDUES).long().clamp(max=NUM_RESIDUES - 1)
-    inputs = torch.where(to_mask, MASK, torch.where(to_random, random_ids, tokens))
-    targets = torch.where(selected, tokens, IGNORE_INDEX)
-    return inputs, targets
-
-
-def sample_uniforms(sample_seeds: list[int], length: int) -> Tensor:
-    """(B, length, 3) uniforms in [0, 1), row b drawn from its own seed.
-
-    Position-major draws: the first n positions of a row are the same whatever ``length`` (the
-    padded length of the batch it lands in) is.
-    """
-    rows = []
-    for seed in sample_seeds:
-        generator = torch.Generator().manual_seed(derive_seed(seed, _MASK_SALT))
-        rows.append(torch.rand(length, 3, generator=generator))
-    return torch.stack(rows) if rows else torch.empty(0, length, 3)
 
 
 def lr_multiplier(
@@ -149,78 +82,6 @@ def lr_multiplier(
     assert decay_steps is not None
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-
-
-class TokenMean(Metric):
-    """Mean of a per-token quantity over the counted tokens: sum(value * counted) / sum(counted).
-
-    The two sums are the metric's state, summed across ranks before the ratio is taken, so the
-    result equals the single-process value however the tokens are sharded.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, values: Tensor, counted: Tensor) -> None:
-        """values, counted: (N,) per-token values and 0/1 weights."""
-        self.total += (values.double() * counted).sum()
-        self.count += counted.double().sum()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float()
-
-
-class Perplexity(TokenMean):
-    """exp of the token-weighted mean cross-entropy."""
-
-    def compute(self) -> Tensor:
-        return torch.exp(super().compute())
-
-
-class LMMetrics(nn.Module):
-    """Token-weighted accuracy and perplexity of one split."""
-
-    def __init__(self, *, sync_on_step: bool = False) -> None:
-        super().__init__()
-        self.accuracy = TokenMean(dist_sync_on_step=sync_on_step)
-        self.perplexity = Perplexity(dist_sync_on_step=sync_on_step)
-
-    def forward(self, nll: Tensor, correct: Tensor, counted: Tensor) -> dict[str, Tensor]:
-        """Accumulate and return this batch's values (reduced across ranks when syncing on step).
-
-        nll, correct, counted: (N,) per-token cross-entropy, 0/1 correctness, 0/1 counted.
-        """
-        return {
-            "accuracy": self.accuracy(correct, counted),
-            "perplexity": self.perplexity(nll, counted),
-        }
-
-    def update(self, nll: Tensor, correct: Tensor, counted: Tensor) -> None:
-        self.accuracy.update(correct, counted)
-        self.perplexity.update(nll, counted)
-
-
-def token_statistics(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-position (cross-entropy, correct, counted), each (B*L,) float32.
-
-    logits: (B, L, V); targets: (B, L) with ``IGNORE_INDEX`` at positions that do not count.
-    """
-    flat_targets = targets.flatten()
-    nll = F.cross_entropy(
-        logits.float().flatten(0, 1), flat_targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    counted = (flat_targets != IGNORE_INDEX).float()
-    correct = (logits.argmax(-1).flatten() == flat_targets).float() * counted
-    return nll, correct, counted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +161,7 @@ class ProteinLM(pl.LightningModule):
         """(mean loss over predicted tokens, per-token (nll, correct, counted)) for a prepared batch."""
         out = self.model(batch["inputs"], batch.get("padding_mask"))
         nll, correct, counted = token_statistics(out["logits"], batch["targets"])
-        loss = nll.sum() / counted.sum().clamp(min=1.0)
-        return loss, (nll, correct, counted)
+        return mean_loss(nll, counted), (nll, correct, counted)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, stats = self.compute_step(batch)
@@ -404,20 +264,7 @@ class UnidirectionalLM(ProteinLM):
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """tokens (B, L) -> inputs (B, L-1) = tokens[:, :-1], targets (B, L-1) = tokens[:, 1:]."""
-        tokens, padding = batch["tokens"], batch.get("padding_mask")
-        targets = tokens[:, 1:].clone()
-        input_padding = None
-        if padding is not None:
-            targets = targets.masked_fill(padding[:, 1:], IGNORE_INDEX)
-            input_padding = padding[:, :-1]
-            if not bool(input_padding.any()):
-                input_padding = None
-        return {
-            "inputs": tokens[:, :-1],
-            "targets": targets,
-            "padding_mask": input_padding,
-            "split": batch.get("split"),
-        }
+        return objective_batch(batch, causal=True)
 
 
 class BidirectionalLM(ProteinLM):
@@ -449,19 +296,7 @@ class BidirectionalLM(ProteinLM):
 
         Draws come from ``batch["sample_seed"]`` (per sample) when present, else the global RNG.
         """
-        tokens = batch["tokens"]
-        seeds = batch.get("sample_seed")
-        if seeds is None:
-            uniforms = torch.rand(*tokens.shape, 3, device=tokens.device)
-        else:
-            uniforms = sample_uniforms(seeds.tolist(), tokens.shape[1]).to(tokens.device)
-        inputs, targets = mask_tokens(tokens, uniforms, **asdict(self.masking))
-        return {
-            "inputs": inputs,
-            "targets": targets,
-            "padding_mask": batch.get("padding_mask"),
-            "split": batch.get("split"),
-        }
+        return objective_batch(batch, causal=False, masking=self.masking)
 
 
 class TrainingClock(pl.Callback):
@@ -513,18 +348,10 @@ def _as(cls: type, value: Any) -> Any:
 
 __all__ = [
     "MODULES",
-    "SPLITS",
     "BidirectionalLM",
-    "LMMetrics",
-    "MaskingConfig",
     "OptimConfig",
-    "Perplexity",
     "ProteinLM",
-    "TokenMean",
     "TrainingClock",
     "UnidirectionalLM",
     "lr_multiplier",
-    "mask_tokens",
-    "sample_uniforms",
-    "token_statistics",
 ]

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from protperf.attention import DecodeState, FastAttention
+from protperf.attention import FastAttention, Kernel, check_kernel
+from protperf.favor import DecodeState
+from protperf.objectives import IGNORE_INDEX
+from protperf.seeds import derive_seed
 from protperf.tokenizer import VOCAB_SIZE
-
-IGNORE_INDEX = -100  # targets with this value carry no loss (padding, unmasked positions)
 
 
 @dataclass
@@ -43,7 +44,7 @@ class PerformerConfig:
     """Hidden width of the MLP (the concat model uses 2048)."""
     max_length: int = 1024
     """Training crop length incl. <bos>/<eos>; caps only learned positions, not rotary ones."""
-    kernel: Literal["softmax", "relu", "exact"] = "softmax"
+    kernel: Kernel = "softmax"
     """Performer (FAVOR+) / Performer (generalized, ReLU features) / Transformer (exact)."""
     num_features: int = 256
     """m, random features per head (softmax kernel)."""
@@ -78,8 +79,7 @@ class PerformerConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
-        if self.kernel not in ("softmax", "relu", "exact"):
-            raise ValueError(f"kernel must be 'softmax', 'relu' or 'exact', got {self.kernel!r}")
+        check_kernel(self.kernel)
         if self.positions not in ("rotary", "learned"):
             raise ValueError(f"positions must be 'rotary' or 'learned', got {self.positions!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -104,18 +104,6 @@ class PerformerConfig:
         if unknown:
             raise ValueError(f"unknown PerformerConfig fields: {sorted(unknown)}")
         return cls(**values)
-
-
-def derive_seed(seed: int, *salts: int) -> int:
-    """A 63-bit seed mixed from ``seed`` and integer salts (splitmix64); equal on every process."""
-    state = int(seed) & 0xFFFFFFFFFFFFFFFF
-    for salt in salts:
-        state = (state + 0x9E3779B97F4A7C15 + (int(salt) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        state = z ^ (z >> 31)
-    return state >> 1
 
 
 class Rotary(nn.Module):

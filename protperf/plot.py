@@ -10,12 +10,12 @@ average of 10 logged points). Writes RUN_DIR/curves.png unless ``--out`` is give
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import re
-import sys
 from pathlib import Path
+
+from protperf.commandline import run_verb
 
 SERIES = {"train": "--", "valid": "-"}
 POINTS = {"test": ("o", "tab:green"), "ood": ("s", "tab:red")}
@@ -101,19 +101,21 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def plot(run_dir: Path, out: Path | None = None) -> Path:
+    """Draw a run's accuracy and perplexity against steps (train dashed, validation solid).
+
+    Reads every metrics.csv under the run folder (one per launch; a resumed launch overrides
+    the steps it repeats) and writes a PNG. Example: protperf plot runs/tiny-cpu-uni
+
+    Args:
+        run_dir: a `protperf train` run folder.
+        out: the PNG to write (default: RUN_DIR/curves.png).
+    """
+    written = plot_run(run_dir, out)
+    print(written)
+    return written
+
+
 def main(argv: list[str]) -> int:
-    """``protperf plot RUN_DIR [--out FILE]``."""
-    parser = argparse.ArgumentParser(
-        prog="protperf plot", description=__doc__.split("\n\n")[0], allow_abbrev=False
-    )
-    parser.add_argument("run_dir", type=Path, help="a `protperf train` run folder")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        print(plot_run(args.run_dir, args.out))
-    except FileNotFoundError as error:
-        print(f"protperf plot: {error}", file=sys.stderr)
-        return 1
-    return 0
+    """``protperf plot``: parse ``argv`` and draw; returns the exit status."""
+    return run_verb(plot, argv, prog="protperf plot", positional=("run_dir",))

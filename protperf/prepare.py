@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from protperf import __version__
+from protperf.commandline import run_verb
 from protperf.data.errors import DataError
 from protperf.data.paper import (
     PAPER_OOD_FAMILIES,
@@ -21,11 +23,14 @@ from protperf.data.paper import (
     PAPER_VALID_FRACTION,
     SPLITS,
 )
-from protperf.data.publish import MANIFEST, StagingDir, check_output
+from protperf.data.publish import DATA_DIR, MANIFEST, StagingDir, check_output
 from protperf.data.sources import Source, open_source
 from protperf.data.stream import is_url
 from protperf.data.uniprot import resolve_release
 from protperf.durable import recover_folder
+
+#: Environment variable naming the default UniProt mirror (an institution's, or a test server).
+MIRROR_VARIABLE = "PROTPERF_UNIPROT_MIRROR"
 
 # numpy, h5py and tokenizers (protperf.data.build / records, protperf.tokenizer) are imported
 # once the download is running: their import time then overlaps with it.
@@ -34,7 +39,7 @@ from protperf.durable import recover_folder
 def prepare_data(
     release: str | None = None,
     out: Path | None = None,
-    mirror: str = "uniprot",
+    mirror: str | None = None,
     source: list[str] | None = None,
     ood_source: list[str] | None = None,
     pfam_map: str | None = None,
@@ -65,7 +70,8 @@ def prepare_data(
         release: UniProt release: 'current' or YYYY_MM (default 2019_01, the paper's). With
             --source it only names the dataset (default 'custom').
         out: Output folder (default data/<release>).
-        mirror: uniprot, ebi, expasy, or the base URL of a mirror's databases/uniprot/ folder.
+        mirror: uniprot, ebi, expasy, or the base URL of a mirror's databases/uniprot/ folder
+            (default: $PROTPERF_UNIPROT_MIRROR, else uniprot).
         source: Read these instead of a release: local paths or URLs of UniProt flat files
             (.dat), FASTA, gzipped or not, or a knowledgebase tar.gz. Several: --source a b.
         ood_source: Sources read like --source whose every record goes to ood: hold out whole
@@ -88,7 +94,7 @@ def prepare_data(
         retry_wait: Seconds before the first retry (doubling each time, at most 60).
         quiet: No progress bar and no summary.
 
-    Returns the manifest (also written to <out>/manifest.json).
+    Returns the manifest (also written to <out>/manifest.json); prints a summary unless quiet.
     """
     started = time.perf_counter()
     families = _held_out_families(ood_families, ood_families_file)
@@ -103,7 +109,10 @@ def prepare_data(
             inputs += [{"spec": spec} for spec in source]
         else:
             archive = resolve_release(
-                release or PAPER_RELEASE, mirror, retries=retries, retry_wait=retry_wait
+                release or PAPER_RELEASE,
+                mirror or os.environ.get(MIRROR_VARIABLE, "uniprot"),
+                retries=retries,
+                retry_wait=retry_wait,
             )
             label = archive.release
             inputs = [
@@ -114,7 +123,7 @@ def prepare_data(
                     "member": archive.member,
                 }
             ]
-        out = Path(out) if out is not None else Path("data") / label
+        out = Path(out) if out is not None else DATA_DIR / label
         recover_folder(out)  # an earlier output a killed --overwrite run had moved aside
         check_output(out, overwrite=overwrite)
         held_out_accessions: set[str] = set()
@@ -186,14 +195,16 @@ def prepare_data(
             (staging / "spill").rmdir()
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last
             stage.publish()
-        return manifest
+    if not quiet:
+        print(_summary(manifest, out))
+    return manifest
 
 
 @contextlib.contextmanager
 def _short_gil_switch_interval(seconds: float = 0.00003) -> Iterator[None]:
     """Decompression threads need the GIL back after each C call; with Python's default 5 ms
-    switch interval they would wait that long for the parsing thread every time. Measured on
-    the benchmark: 0.5 ms -> 1.63 s, 0.1 ms -> 1.59 s, 30 us -> 1.56 s."""
+    switch interval they would wait that long for the parsing thread every time, so the
+    interval is made as short as the parsing thread's own work between releases."""
     previous = sys.getswitchinterval()
     sys.setswitchinterval(min(previous, seconds))
     try:
@@ -339,53 +350,12 @@ def _read_pfam_map(spec: str, families: list[str], retries: int, retry_wait: flo
         source.close()
 
 
-def _list_values(values: list[str]) -> list[str]:
-    """Several values (``--source a b``), or one JSON list (``--source '["a", "b"]'``)."""
-    if len(values) == 1 and values[0].lstrip().startswith("["):
-        try:
-            parsed = json.loads(values[0])
-        except json.JSONDecodeError as error:
-            raise DataError(f"not a JSON list: {values[0]!r} ({error.msg})") from error
-        return [str(value) for value in parsed]
-    return values
+def main(argv: list[str]) -> int:
+    """``protperf prepare-data``: parse ``argv`` and prepare; returns the exit status."""
+    return run_verb(prepare_data, argv, prog="protperf prepare-data")
 
 
-def build_parser():
-    """The parser of :func:`prepare_data`: one option per parameter, its docstring the help."""
-    from protperf.commandline import build_parser as parser_of
-
-    return parser_of(
-        prepare_data,
-        prog="protperf prepare-data",
-        epilog="Options accept --max-sequences or --max_sequences; list options take several "
-        "values (--source a.fasta b.fasta) or a JSON list.",
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``protperf prepare-data``; returns the exit status (1 on a data error)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # --max_sequences is read as --max-sequences (the spelling of the YAML keys and of train)
-    argv = [re.sub(r"^--\w+", lambda m: m[0].replace("_", "-"), arg) for arg in argv]
-    kwargs = vars(build_parser().parse_args(argv))
-    try:
-        for name in ("source", "ood_source", "ood_families"):
-            if kwargs[name] is not None:
-                kwargs[name] = _list_values(kwargs[name])
-        manifest = prepare_data(**kwargs)
-    except DataError as error:
-        print(f"protperf prepare-data: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("protperf prepare-data: interrupted; nothing was published", file=sys.stderr)
-        return 130
-    if not kwargs.get("quiet"):
-        print(_summary(manifest, kwargs.get("out")))
-    return 0
-
-
-def _summary(manifest: dict, out: Path | None) -> str:
-    folder = out or Path("data") / manifest["release"]
+def _summary(manifest: dict, folder: Path) -> str:
     lines = [
         f"wrote {folder}/ ({manifest['elapsed_seconds']:.1f} s): "
         f"{manifest['records_read']:,} records, {manifest['unique_sequences']:,} unique, "

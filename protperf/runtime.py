@@ -11,7 +11,7 @@ system quickly, so the next tensor of the same size is page-faulted in again, wh
   they are recycled, not faulted.
 * ``"aggressive"``: never mmap at all, so every freed block is reused. Faster still for large
   models (whose activations exceed 32 MB), at the price of a higher peak RSS from fragmentation
-  (measured in the README's training benchmark).
+  (docs/benchmarks.md, training throughput).
 
 The CLI and the benchmarks call :func:`tune_process` once at start-up (benchmarks for every
 contender alike). ``PROTPERF_TUNE_ALLOCATOR=0|default|aggressive`` chooses (default: default).
@@ -19,8 +19,8 @@ This is Intel's advice for PyTorch on CPUs (jemalloc/tcmalloc) without an extra 
 
 :func:`flush_denormals` turns on flush-to-zero (x86 FTZ/DAZ) for every thread of the process:
 subnormal floats (below 1.2e-38 in float32) cost 4-10x more per operation on x86, and trained
-models make them (exact attention's probabilities, FAVOR+ features, at q, k norms a few times
-those at initialisation: measured 5.8x slower SDPA forward+backward). The setting is per
+models make them (exact attention's probabilities and FAVOR+ features, once q and k grow a few
+times their norms at initialisation, run several times slower). The setting is per
 thread and a new thread copies its creator's, so it must be made before PyTorch starts its
 intra-op thread pool (its first parallel operation); made later, it reaches the calling thread
 only. The CLI calls it first thing for the verbs that run models; TensorFlow and JAX do the same

@@ -14,9 +14,14 @@ The tokenizer.json written by :func:`build_hf_tokenizer` gives exactly the ids o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 PAD, BOS, EOS, MASK, UNK = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>", "<unk>")
@@ -65,6 +70,28 @@ def decode(ids: np.ndarray | list[int]) -> str:
     array = np.asarray(ids, dtype=np.int64)
     array = array[array >= FIRST_RESIDUE_ID]
     return _ID_TO_BYTE[array].tobytes().decode("ascii")
+
+
+def batch_encode(
+    sequences: Sequence[str | bytes | np.ndarray],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Proteins as one batch of model inputs: ``<bos> residues <eos>``, padded on the right.
+
+    Strings are encoded with :func:`encode`; arrays are residue ids already (no special tokens).
+    Returns tokens (B, L_max + 2) int64 and padding_mask (B, L_max + 2) bool, True at padding,
+    or None when no row is padded (exact attention then takes its fused path).
+    """
+    import torch
+
+    ids = [s if isinstance(s, np.ndarray) else encode(s) for s in sequences]
+    length = max(len(s) for s in ids) + 2
+    tokens = torch.full((len(ids), length), PAD, dtype=torch.long)
+    for row, residues in enumerate(ids):
+        tokens[row, 0] = BOS
+        tokens[row, 1 : len(residues) + 1] = torch.from_numpy(residues.astype(np.int64))
+        tokens[row, len(residues) + 1] = EOS
+    padding = tokens == PAD
+    return tokens, (padding if bool(padding.any()) else None)
 
 
 def build_hf_tokenizer():

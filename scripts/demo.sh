@@ -57,8 +57,8 @@ protperf prepare-data --source "${sources[@]}" --ood-source "${ood[@]}" \
 # 2,500 steps, about 6 minutes. `evaluate` below tests it, so training skips its own test.
 step "train: configs/tiny-cpu.yaml -> $DEMO_DIR/run"
 rm -rf "$DEMO_DIR/run"
-protperf train --config configs/tiny-cpu.yaml --data "$DEMO_DIR/data" --run_dir "$DEMO_DIR/run" \
-    --trainer.max_steps 2500 --no_test ${train_args[@]+"${train_args[@]}"}
+protperf train --config configs/tiny-cpu.yaml --data "$DEMO_DIR/data" --run-dir "$DEMO_DIR/run" \
+    --trainer.max_steps 2500 --no-test ${train_args[@]+"${train_args[@]}"}
 
 # 3. Accuracy and perplexity on test and on the held-out organism, next to the unigram baseline.
 step "evaluate: test and ood -> $DEMO_DIR/eval.md"

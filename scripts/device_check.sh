@@ -4,9 +4,9 @@
 #   1. benchmarks/cuda_check.py: FAVOR+ on CUDA equals the CPU (float32, padded), bf16 autocast
 #      stays finite at L = 32,768, a bf16-mixed training step, decoding = full forward,
 #      embeddings ignore padding (PASS / FAIL lines);
-#   2. benchmarks/attention.py on CUDA, float32 and bf16 (issue 2's GPU table);
+#   2. benchmarks/attention.py on CUDA, float32 and bf16 (the GPU attention table);
 #   3. benchmarks/train_throughput.py on CUDA, bf16-mixed, the concat model with 6 layers
-#      (issue 4's GPU figures: tokens/s and peak GPU memory, FAVOR+ against exact attention).
+#      (tokens/s and peak GPU memory, FAVOR+ against exact attention).
 # Each step has its own time limit and a failing step does not stop the next: whatever ran comes
 # back under $OUT (logs and JSON), with summary.txt listing each step's exit status. The device
 # tool returns at most 8 files, so the script writes exactly 8: summary.txt, environment.txt
@@ -72,7 +72,7 @@ step cuda_check 90 "$PYTHON" benchmarks/cuda_check.py --device "$DEVICE" "${chec
 for dtype in fp32 bf16; do
     [ "$DEVICE" = cpu ] && [ "$dtype" = bf16 ] && continue  # the CPU benchmark is float32
     limit=150
-    [ "$dtype" = bf16 ] && limit=180  # 2026-11-30 on an H200: 150 s ended one cell short
+    [ "$dtype" = bf16 ] && limit=180  # bf16 runs more cells within the budget: 150 s is short
     step "attention_$dtype" "$limit" "$PYTHON" benchmarks/attention.py --device "$DEVICE" \
         --dtype "$dtype" --lengths "${lengths[@]}" --budget-s 5 --timeout-s 60 \
         --json "$OUT/attention_$dtype.json"

@@ -8,7 +8,7 @@
 #       --out .devdata/data --concat-length 1024 --ood-families none --overwrite
 #   gzip -dc ../shared/data/proteomes/UP000000625-E.coli.fasta.gz |
 #       awk '/^>/ { n++ } n <= 100' > .devdata/sample.fasta
-# and carry .devdata and .whl (jsonargparse, docstring_parser, typeshed_client, biopython and
+# and carry .devdata and .whl (docstring_parser, biopython and
 # isal wheels for Python 3.12 beside the performer-pytorch ones; see scripts/device_check.sh):
 #   command="bash scripts/device_cli_check.sh", carry=[".whl", ".devdata"]
 # Dry run on a CPU: DEVICE=cpu bash scripts/device_cli_check.sh
@@ -31,9 +31,9 @@ echo "==> cuda_check"
 "$PYTHON" benchmarks/cuda_check.py --device "$DEVICE" "${size[@]}" 2>&1 | tee "$OUT/cuda_check.log" || true
 echo "==> train"
 rm -rf "$RUN"
-protperf train --config configs/tiny-cpu.yaml --data "$DATA/data" --run_dir "$RUN" \
+protperf train --config configs/tiny-cpu.yaml --data "$DATA/data" --run-dir "$RUN" \
     --trainer.accelerator "$accelerator" --trainer.devices 1 --trainer.precision "$precision" \
-    --trainer.max_steps "$STEPS" --trainer.val_check_interval $((STEPS / 3)) --no_test 2>&1 | tee "$OUT/train.log" | tail -n 15
+    --trainer.max_steps "$STEPS" --trainer.val_check_interval $((STEPS / 3)) --no-test 2>&1 | tee "$OUT/train.log" | tail -n 15
 echo "==> evaluate"
 protperf evaluate --model "$RUN" --data "$DATA/data" --split test valid --device "$DEVICE" \
     --precision "${precision%-true}" 2>&1 | tee "$OUT/evaluate.log"

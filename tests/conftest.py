@@ -83,7 +83,7 @@ def trained_tiny_runs(tmp_path_factory, tiny_lm_data: Path) -> dict[str, Path]:
         ("bidirectional", ["--bidirectional", "--model.kernel=relu"]),
     ):
         run_dir = root / mode
-        args = ["--data", str(tiny_lm_data), "--run_dir", str(run_dir), *TINY_TRAIN_ARGS, *extra]
+        args = ["--data", str(tiny_lm_data), "--run-dir", str(run_dir), *TINY_TRAIN_ARGS, *extra]
         args += ["--optim.lr=0.01", "--trainer.max_steps=16", "--trainer.val_check_interval=8"]
         with _torch_threads(1):
             assert train.main(args) == 0

@@ -30,7 +30,7 @@ TINY_TRAIN_ARGS = [
     "--trainer.val_check_interval=4",
     "--trainer.limit_val_batches=2",
     "--trainer.log_every_n_steps=2",
-    "--checkpoint_every=2",
+    "--checkpoint-every=2",
 ]
 
 TINY_MODEL: dict[str, Any] = {

@@ -254,10 +254,13 @@ def test_option_spellings(uniprot_dat_dir, capsys, tmp_path):
     assert listed_manifest["sources"][0]["url"] == dats[0]
     assert listed_manifest["max_sequences"] == listed_manifest["records_read"] == 7
     status, _, err = run(["--source", '["a.dat", ', "--out", str(tmp_path / "x")], capsys)
-    assert status == 1 and "not a JSON list" in err and not (tmp_path / "x").exists()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--source", dats[0], "--out", str(tmp_path / "y"), "--max-seq", "3"])
-    assert exit_info.value.code == 2 and not (tmp_path / "y").exists()
+    assert status == 2 and not (tmp_path / "x").exists()
+    assert err.strip() == (
+        "protperf prepare-data: error: argument --source: '[\"a.dat\", ' is not a YAML or JSON "
+        "list (see protperf prepare-data --help)"
+    )
+    assert main(["--source", dats[0], "--out", str(tmp_path / "y"), "--max-seq", "3"]) == 2
+    assert not (tmp_path / "y").exists()
     assert "unrecognized arguments: --max-seq" in capsys.readouterr().err
 
 

@@ -15,8 +15,9 @@ import torch
 from lm_data import write_dataset
 
 from protperf.data.datamodule import LoaderConfig, ProteinDataModule
-from protperf.lit import BidirectionalLM, LMMetrics
-from protperf.model import derive_seed
+from protperf.lit import BidirectionalLM
+from protperf.objectives import LMMetrics
+from protperf.seeds import derive_seed
 
 WORKER = textwrap.dedent(
     """
@@ -26,8 +27,7 @@ WORKER = textwrap.dedent(
     from protperf import train
 
     out, argv = Path(sys.argv[1]), sys.argv[2:]
-    parser, cfg = train.parse(argv)
-    result = train.run(parser, cfg)  # fit, then test and ood
+    result = train.train(**train.parse(argv))  # fit, then test and ood
     rank = result.trainer.global_rank
     torch.save(result.module.model.state_dict(), out / f"rank{rank}.pt")
     metrics = {k: float(v) for k, v in result.trainer.callback_metrics.items() if "/" in k}
@@ -67,12 +67,12 @@ def test_two_process_ddp_on_cpu(tmp_path, proteome_dir):
     data = write_dataset(tmp_path / "data", fasta, concat_length=128)
     (tmp_path / "worker.py").write_text(WORKER)
     args = [
-        "--data", str(data), "--run_dir", str(tmp_path / "run"), "--bidirectional",
+        "--data", str(data), "--run-dir", str(tmp_path / "run"), "--bidirectional",
         *(f"--model.{key}={value}" for key, value in MODEL.items()), "--model.kernel=softmax",
-        "--redraw_every=2", "--trainer.max_steps=5", "--trainer.val_check_interval=5",
+        "--redraw-every=2", "--trainer.max_steps=5", "--trainer.val_check_interval=5",
         "--trainer.limit_val_batches=1.0", "--loader.batch_size=4", "--loader.eval_batch_size=3",
         "--loader.num_workers=0", "--trainer.accelerator=cpu", "--trainer.devices=2",
-        "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false", "--checkpoint_every=5",
+        "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false", "--checkpoint-every=5",
     ]  # fmt: skip
     env = {
         **os.environ,

@@ -13,9 +13,8 @@ import pytest
 import torch
 from lm_models import export_random_model
 
-from protperf import __version__, cli
+from protperf import __version__, cli, load_model
 from protperf.embed import embed_tokens, resolve_layers, token_budget_batches
-from protperf.export import load_model
 from protperf.inference import weights_fingerprint
 from protperf.tokenizer import encode
 
@@ -70,7 +69,8 @@ def test_embed_proteome_layout_order_and_values(proteins, models, tmp_path):
     out = tmp_path / "embeddings.h5"
     args = ["--model", models["bi-softmax"], "-o", out, "--per-residue", "--layers", "0", "-1"]
     assert run_embed(fasta, *args, "--tokens-per-batch", 3000) == 0
-    model, config = load_model(models["bi-softmax"])
+    model = load_model(models["bi-softmax"])
+    config = model.config
     lengths = np.array([len(seq) for _, seq in proteins])
     with h5py.File(out) as f:
         assert list(f["ids"].asstr()[:]) == [name for name, _ in proteins]  # FASTA order
@@ -109,7 +109,8 @@ def test_token_budget_batches_are_longest_first_and_within_budget():
 @pytest.mark.parametrize("name", ["bi-softmax", "bi-exact", "uni-relu"])
 def test_batched_equals_one_at_a_time(proteins, models, name):
     """Padding invariance: a protein's embedding does not depend on its batch (to 1e-5)."""
-    model, config = load_model(models[name])
+    model = load_model(models[name])
+    config = model.config
     sequences = [encode(seq) for _, seq in proteins]
     layers = [1, config.depth]
 
@@ -144,7 +145,7 @@ def test_a_30000_residue_protein_embeds_whole(models, proteins, tmp_path):
         assert np.abs(giant[-1]).sum() > 0 and not np.allclose(giant[-1], giant[-2])
         np.testing.assert_allclose(mean[1], giant.mean(axis=0), rtol=1e-4, atol=1e-6)
     # Batched with the short proteins or alone (budget below its length): the same embedding.
-    model, _ = load_model(models["bi-softmax"])
+    model = load_model(models["bi-softmax"])
     sequences = [encode(seq) for _, seq in records]
     alone = {i: m for i, m, _ in embed_tokens(model, sequences, layers=[2], tokens_per_batch=10)}
     batched = {

@@ -12,14 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protperf import cli
+from protperf import cli, load_model
 from protperf.data.datamodule import EVAL_EPOCH, sample_seed
-from protperf.evaluate import masked_targets, next_token_targets
-from protperf.export import load_model
-from protperf.lit import BidirectionalLM, UnidirectionalLM, mask_tokens, sample_uniforms
-from protperf.model import IGNORE_INDEX
+from protperf.objectives import IGNORE_INDEX, mask_tokens, sample_uniforms
 from protperf.plot import read_metrics
-from protperf.tokenizer import BOS, EOS, FIRST_RESIDUE_ID, PAD, VOCAB_SIZE
+from protperf.tokenizer import BOS, EOS, FIRST_RESIDUE_ID, VOCAB_SIZE
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 WHOLE = ["--max-length", "100000"]  # no crops: every sequence read whole
@@ -87,7 +84,7 @@ def test_unidirectional_equals_a_direct_computation(trained_tiny_runs, tiny_lm_d
     run = trained_tiny_runs["unidirectional"]
     report = evaluate_json(capsys, "--model", run, "--data", tiny_lm_data, *WHOLE)
     assert report["mode"] == "unidirectional" and list(report["splits"]) == ["test", "ood"]
-    model, _ = load_model(run)
+    model = load_model(run)
     log_probs = unigram_log_probs(tiny_lm_data, with_eos=True)
     for split in ("test", "ood"):
         examples = [(row[:-1], row[1:]) for _, row in whole_sequences(tiny_lm_data, split)]
@@ -99,7 +96,7 @@ def test_unidirectional_equals_a_direct_computation(trained_tiny_runs, tiny_lm_d
 def test_bidirectional_equals_a_direct_computation(trained_tiny_runs, tiny_lm_data, capsys):
     run = trained_tiny_runs["bidirectional"]
     report = evaluate_json(capsys, "--model", run, "--data", tiny_lm_data, *WHOLE, "--seed", 3)
-    model, _ = load_model(run)
+    model = load_model(run)
     log_probs = unigram_log_probs(tiny_lm_data, with_eos=False)
     examples = []
     for i, row in whole_sequences(tiny_lm_data, "test"):
@@ -157,7 +154,7 @@ def test_concat_chunks_equal_a_direct_computation(trained_tiny_runs, tiny_lm_dat
     run = trained_tiny_runs["unidirectional"]
     args = ["--model", run, "--data", tiny_lm_data, "--concat", "--split", "test", "valid"]
     report = evaluate_json(capsys, *args, "--tokens-per-batch", 300)
-    model, _ = load_model(run)
+    model = load_model(run)
     log_probs = unigram_log_probs(tiny_lm_data, with_eos=True)
     for split in ("test", "valid"):
         with h5py.File(tiny_lm_data / f"{split}.h5") as f:
@@ -166,25 +163,6 @@ def test_concat_chunks_equal_a_direct_computation(trained_tiny_runs, tiny_lm_dat
         examples = [(chunk[:-1], chunk[1:]) for chunk in chunks]
         assert_scores_equal(report["splits"][split], direct_scores(model, examples, log_probs))
         assert report["splits"][split]["items"] == len(chunks)
-
-
-def test_objectives_match_the_lightning_modules():
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(FIRST_RESIDUE_ID, VOCAB_SIZE, (3, 20), generator=generator)
-    tokens[:, 0] = BOS
-    tokens[0, 15:] = PAD
-    tokens[0, 14] = EOS
-    padding = tokens == PAD
-    seeds = torch.tensor([11, 12, 13])
-    batch = {"tokens": tokens, "padding_mask": padding, "sample_seed": seeds, "split": "test"}
-    tiny = {"dim": 8, "depth": 1, "heads": 2, "ff_dim": 8, "num_features": 4}
-    for module, ours in (
-        (UnidirectionalLM(tiny), next_token_targets(tokens, padding)),
-        (BidirectionalLM(tiny), masked_targets(tokens, padding, seeds.tolist())),
-    ):
-        theirs = module.prepare_batch(batch)
-        assert torch.equal(ours[0], theirs["inputs"]) and torch.equal(ours[1], theirs["targets"])
-        assert torch.equal(ours[2], theirs["padding_mask"])
 
 
 def test_errors_name_what_is_missing(trained_tiny_runs, tiny_lm_data, tmp_path, capsys):

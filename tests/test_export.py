@@ -8,8 +8,8 @@ import pytest
 import torch
 from lm_models import export_random_model, tiny_config
 
-from protperf import export
-from protperf.export import export_model, load_model
+from protperf import export, load_model
+from protperf.export import export_model
 from protperf.model import PerformerLM
 
 
@@ -20,9 +20,9 @@ def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
 def test_export_round_trips_and_replaces_an_earlier_export(tmp_path):
     out = tmp_path / "export"
     export_random_model(out, seed=0)
-    first, _ = load_model(out)
+    first = load_model(out)
     export_random_model(out, seed=1)
-    second, _ = load_model(out)
+    second = load_model(out)
     torch.manual_seed(1)
     expected = PerformerLM(tiny_config())
     for got, want in zip(_weights(second), _weights(expected), strict=True):

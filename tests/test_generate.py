@@ -8,8 +8,7 @@ import pytest
 import torch
 from lm_models import export_random_model, tiny_config
 
-from protperf import cli
-from protperf.export import load_model
+from protperf import cli, load_model
 from protperf.fasta import read_fasta
 from protperf.generate import generate_tokens, restrict_logits, sample_next
 from protperf.model import PerformerLM
@@ -45,7 +44,8 @@ def test_greedy_recurrence_equals_the_full_forward_pass(trained_tiny_runs, rando
     runs = {"softmax": trained_tiny_runs["unidirectional"], **random_models}
     lengths = []
     for kernel, path in runs.items():
-        model, config = load_model(path)
+        model = load_model(path)
+        config = model.config
         assert config.kernel == kernel and config.causal
         for prompt in ("", "MKT"):
             (fast,) = generate_tokens(
@@ -97,7 +97,7 @@ class _FavourSpecials(torch.nn.Module):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 3.0])
 def test_special_tokens_are_never_emitted(random_models, temperature):
-    model, _ = load_model(random_models["relu"])
+    model = load_model(random_models["relu"])
     model.head = _FavourSpecials(model.head)
     generated = generate_tokens(model, num=6, max_length=40, temperature=temperature, seed=2)
     for sequence in generated:
@@ -106,7 +106,7 @@ def test_special_tokens_are_never_emitted(random_models, temperature):
 
 
 def test_sampling_is_seeded_per_sequence(trained_tiny_runs):
-    model, _ = load_model(trained_tiny_runs["unidirectional"])
+    model = load_model(trained_tiny_runs["unidirectional"])
     kwargs = {"prompt": encode("MS"), "max_length": 60, "temperature": 1.0, "top_p": 0.95}
     first = generate_tokens(model, num=6, seed=5, batch_size=4, **kwargs)
     again = generate_tokens(model, num=6, seed=5, batch_size=1, **kwargs)

@@ -6,7 +6,9 @@ import pytest
 import torch
 from lm_models import tiny_config
 
-from protperf.model import IGNORE_INDEX, LocalConv, PerformerConfig, PerformerLM, derive_seed
+from protperf.model import LocalConv, PerformerConfig, PerformerLM
+from protperf.objectives import IGNORE_INDEX
+from protperf.seeds import derive_seed
 from protperf.tokenizer import BOS, EOS, PAD
 
 KERNELS = ("softmax", "relu", "exact")

@@ -1,24 +1,33 @@
-"""benchmarks/reproduce_table2.py --smoke on real proteomes: Table 2 from `protperf evaluate`'s
-JSON, the concat comparison, the curves, a rerun that skips the finished runs and one that
-resumes an unfinished run."""
+"""benchmarks/reproduce_table2.py and configs/table2: the configs, and the --smoke pipeline on real
+proteomes (Table 2 from `protperf evaluate`'s JSON, verdicts that agree with the numbers, the
+concat comparison, a rerun that skips finished runs and one that resumes an interrupted run)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import io
 import json
+import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from protperf.cli import main as protperf_main
+from protperf.plot import read_metrics
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_table2.py"
-RUNS = [f"{mode}-{kernel}" for mode in ("unidirectional", "bidirectional") for kernel in ("exact", "relu", "softmax")]  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "reproduce_table2.py"
+CONFIGS = ROOT / "configs" / "table2"
+KERNELS = {"transformer": "exact", "performer-generalized": "relu", "performer-softmax": "softmax"}
+SINGLE = [f"{mode}-{model}" for mode in ("uni", "bid") for model in KERNELS]
+CONCAT = ["concat-transformer", "concat-performer-generalized"]
 
 
 def _load_script():
@@ -34,11 +43,138 @@ def script():
     return _load_script()
 
 
+# ---------------------------------------------------------------------------------------------
+# The configs
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolved(path: Path) -> dict:
+    """`protperf train --config PATH --data X --print_config`, parsed."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = protperf_main(["train", "--config", str(path), "--data", "X", "--print-config"])
+    assert status == 0, path
+    return yaml.safe_load(stdout.getvalue())
+
+
+def _without(config: dict, *keys: str) -> dict:
+    """``config`` without the dotted ``keys`` (and without the config file's own path)."""
+    config = json.loads(json.dumps(config))
+    config.pop("config", None)
+    for key in keys:
+        group, field = key.split(".")
+        config[group].pop(field)
+    return config
+
+
+def test_table2_configs_load_and_differ_only_in_the_kernel():
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(SINGLE + CONCAT)
+    resolved = {name: _resolved(CONFIGS / f"{name}.yaml") for name in SINGLE + CONCAT}
+    for name, config in resolved.items():
+        model = name.split("-", 1)[1]
+        assert config["model"]["kernel"] == KERNELS[model], name
+        assert config["bidirectional"] == name.startswith("bid-"), name
+        assert config["concat"] == name.startswith("concat-"), name
+    for mode in ("uni", "bid"):
+        first, *others = (_without(resolved[f"{mode}-{m}"], "model.kernel") for m in KERNELS)
+        assert all(other == first for other in others), mode
+    transformer, performer = (
+        _without(resolved[n], "model.kernel", "trainer.max_steps") for n in CONCAT
+    )
+    assert transformer == performer
+
+
+def test_table2_configs_hold_the_reported_settings():
+    raw = {name: yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()) for name in SINGLE + CONCAT}
+    for name, config in raw.items():
+        assert (config["model"]["dim"], config["model"]["heads"], config["model"]["ff_dim"]) == (
+            128, 4, 256,
+        ), name  # fmt: skip
+        assert config["seed"] == 0 and config["test"] is False, name
+    for name in SINGLE:
+        config = raw[name]
+        assert config["model"]["depth"] == 3 and config["model"]["num_features"] == 64
+        assert config["redraw_until"] == 1  # the softmax Performer keeps its first draw
+        if name.startswith("uni-"):
+            assert config["model"]["max_length"] == 1024
+            assert config["trainer"]["max_steps"] == 15_000
+            assert config["loader"]["token_budget"] == 4096
+        else:
+            assert config["model"]["max_length"] == 256
+            assert config["trainer"]["max_steps"] == 1500
+    for name in CONCAT:
+        model, optim = raw[name]["model"], raw[name]["optim"]
+        assert (model["depth"], model["max_length"], model["local_conv"], model["chunk_size"]) == (
+            2, 8192, 4, 32,
+        )  # fmt: skip
+        assert optim["schedule"] == "constant"
+    assert [raw[name]["trainer"]["max_steps"] for name in CONCAT] == [600, 1200]
+
+
+def test_runs_are_selected_by_name_or_glob_in_table_order(script, tmp_path):
+    runs = script.select_runs(["concat-*", "uni-*", "uni-transformer"], tmp_path)
+    assert [run.name for run in runs] == [*SINGLE[:3], *CONCAT]
+    assert [run.run_dir for run in runs] == [tmp_path / run.name for run in runs]
+    assert [run.kernel for run in runs] == ["exact", "relu", "softmax", "exact", "relu"]
+    assert [run.concat for run in runs] == [False] * 3 + [True] * 2
+    assert [run.name for run in script.select_runs(["*"], tmp_path)] == SINGLE + CONCAT
+    with pytest.raises(SystemExit, match="no config"):
+        script.select_runs(["uni-lstm"], tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdicts and the concat interpolation, on numbers given here
+# ---------------------------------------------------------------------------------------------
+
+
+def _row(model: str, perplexity: float, unigram: float, transformer: float | None) -> dict:
+    row = {"type": "UNI", "set": "test", "model": model, "accuracy": 0.1, "perplexity": perplexity}
+    row["ppl_vs_unigram"] = perplexity / unigram - 1
+    if transformer is not None:
+        row["ppl_vs_transformer"] = perplexity / transformer - 1
+    return row
+
+
+def test_verdicts_pass_and_fail_on_the_targets(script):
+    unigram, transformer = 18.34, 16.23
+    rows = [
+        {"type": "UNI", "set": "test", "model": script.BASELINE, "accuracy": 0.09,
+         "perplexity": unigram},
+        _row("Transformer", transformer, unigram, None),  # -11.5%
+        _row("Performer (generalized)", 16.47, unigram, transformer),  # -10.2%, +1.5%
+        _row("Performer (softmax)", 16.80, unigram, transformer),  # -8.4%, +3.5%
+        {**_row("Performer (softmax)", 99.0, unigram, transformer), "set": "OOD"},  # not a target
+    ]  # fmt: skip
+    checks = [(check["check"].split(":")[0], check["pass"]) for check in script.table2_checks(rows)]
+    assert checks == [
+        ("UNI Transformer", True),
+        ("UNI Performer (generalized)", True),
+        ("UNI Performer (generalized)", True),
+        ("UNI Performer (softmax)", False),
+        ("UNI Performer (softmax)", False),
+    ]
+
+
+def test_time_to_reach_interpolates_over_time(script):
+    timeline = [(9, 10.0, 0.10), (19, 20.0, 0.20), (29, 40.0, 0.30)]
+    assert script.time_to_reach(timeline, 0.05) == 10.0  # already there at the first point
+    assert script.time_to_reach(timeline, 0.25) == pytest.approx(30.0)
+    assert script.time_to_reach(timeline, 0.30) == pytest.approx(40.0)
+    assert script.time_to_reach(timeline, 0.31) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The smoke pipeline on real proteomes
+# ---------------------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, proteome_dir: Path, script) -> tuple[Path, list[str]]:
-    """One --smoke invocation (S. elongatus + Synechocystis, E. coli held out as OOD)."""
+    """One --smoke invocation (S. elongatus + Synechocystis, E. coli held out as OOD), with a
+    checkpoint every 3 steps passed through to `protperf train`."""
     out = tmp_path_factory.mktemp("table2") / "out"
     argv = ["--smoke", "--out", str(out), "--proteomes-dir", str(proteome_dir)]
+    argv.append("--train-arg=--checkpoint_every=3")
     assert script.main(argv) == 0
     return out, argv
 
@@ -51,151 +187,134 @@ def _table_rows(text: str) -> list[list[str]]:
     ]
 
 
-def test_smoke_writes_table2_from_the_evaluate_json(smoke, script):
+def _verdicts(text: str) -> dict[str, bool]:
+    """{verdict text: passed} from table2.md's "- PASS: ..." / "- FAIL: ..." lines."""
+    found = re.findall(r"^- (PASS|FAIL): (.+)$", text, flags=re.MULTILINE)
+    assert len({line for _, line in found}) == len(found)
+    return {line: status == "PASS" for status, line in found}
+
+
+def test_smoke_table2_is_evaluate_json_and_verdicts_agree(smoke, script):
     out, _ = smoke
     text = (out / "table2.md").read_text()
-    rows = _table_rows(text)
-    baselines = [row for row in rows if row[2] == "empirical unigram baseline"]
-    assert [(row[0], row[1]) for row in baselines] == [
-        ("UNI", "test"), ("UNI", "OOD"), ("BID", "test"), ("BID", "OOD"),
-    ]  # fmt: skip
-    models = [row for row in rows if row[2] != "empirical unigram baseline"]
-    assert len(models) == 12  # 6 runs x (test, OOD)
-    for name in RUNS:
-        mode, kernel = name.split("-")
-        evaluation = json.loads((out / "runs" / name / "evaluate.json").read_text())["result"]
-        assert evaluation["kernel"] == kernel and evaluation["mode"] == mode
+    rows = {tuple(row[:3]): row[3:] for row in _table_rows(text)}
+    assert len(rows) == 4 * 4  # (UNI, BID) x (test, OOD) x (unigram + 3 models)
+    verdicts = _verdicts(text)
+    unigram_verdicts = transformer_verdicts = 0
+    for name in SINGLE:
+        mode = "UNI" if name.startswith("uni-") else "BID"
+        evaluation = json.loads((out / name / "evaluate.json").read_text())
+        transformer = json.loads((out / f"{name[:3]}-transformer" / "evaluate.json").read_text())
+        model = script.MODELS[evaluation["kernel"]]
+        assert evaluation["kernel"] == KERNELS[name.split("-", 1)[1]]
         for split, set_name in (("test", "test"), ("ood", "OOD")):
-            row = next(
-                r for r in models
-                if (r[0], r[1], r[2]) == (script.MODES[mode], set_name, script.MODELS[kernel])
-            )  # fmt: skip
-            scores = evaluation["splits"][split]["model"]
-            assert row[3] == f"{100 * scores['accuracy']:.2f}"
-            assert row[4] == f"{scores['perplexity']:.2f}"
-            baseline = next(r for r in baselines if (r[0], r[1]) == (row[0], row[1]))
-            expected = evaluation["splits"][split]["baseline"]
-            assert baseline[3:5] == [
-                f"{100 * expected['accuracy']:.2f}",
-                f"{expected['perplexity']:.2f}",
+            scores, baseline = (evaluation["splits"][split][k] for k in ("model", "baseline"))
+            row = rows[(mode, set_name, model)]
+            assert row[:2] == [f"{100 * scores['accuracy']:.2f}", f"{scores['perplexity']:.2f}"]
+            assert rows[(mode, set_name, script.BASELINE)][:2] == [
+                f"{100 * baseline['accuracy']:.2f}",
+                f"{baseline['perplexity']:.2f}",
             ]
-    assert "Concat setting, unidirectional, L = 256" in text
-    # The Performer trains twice the Transformer's steps (constant lr: its curve up to the
-    # Transformer's half time does not depend on that).
-    assert "| Transformer | 6 |" in text and "| Performer (generalized) | 12 |" in text
-    assert "concat: Performer (generalized)" in text
-    assert text.count("PASS: ") + text.count("FAIL: ") == 6 + 4 + 1
-    assert "Machine: " in text and " cores, torch " in text
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            vs_unigram = scores["perplexity"] / baseline["perplexity"] - 1
+            assert row[2] == f"{100 * vs_unigram:+.1f}%"
+            reference = transformer["splits"][split]["model"]["perplexity"]
+            vs_transformer = scores["perplexity"] / reference - 1
+            assert row[3] == ("" if model == "Transformer" else f"{100 * vs_transformer:+.1f}%")
+            clock = read_metrics(out / name)["time/train_seconds"]
+            assert float(row[4]) == pytest.approx(clock[max(clock)], rel=0.01)
+            if split != "test":
+                continue
+            # The verdict lines, recomputed from the numbers above.
+            line = next(v for v in verdicts if v.startswith(f"{mode} {model}: test ppl {row[1]},"))
+            assert verdicts[line] == (vs_unigram <= -0.10)
+            unigram_verdicts += 1
+            if model != "Transformer":
+                prefix = f"{mode} {model}: test ppl {row[3]} vs the Transformer"
+                line = next(v for v in verdicts if v.startswith(prefix))
+                assert verdicts[line] == (vs_transformer <= 0.03)
+                transformer_verdicts += 1
+    assert (unigram_verdicts, transformer_verdicts) == (6, 4)
+    assert len(verdicts) == 6 + 4 + 1  # and the concat one
     results = json.loads((out / "results.json").read_text())
-    assert set(results["runs"]) == {*RUNS, "concat-exact", "concat-relu"}
-    assert results["concat"]["time_source"] == [
-        "`time/train_seconds` logged at each validation (training steps only)"
-    ]
-    assert len(results["table2"]) == 16
+    assert set(results["runs"]) == {*SINGLE, *CONCAT}
+    assert [check["pass"] for check in results["checks"]] == list(verdicts.values())
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_table2_numbers_equal_a_fresh_evaluate(smoke, capsys, single_torch_thread):
-    """The table's numbers are what a user gets from `protperf evaluate` on the run."""
+def test_smoke_concat_comparison_agrees_with_metrics(smoke, script):
     out, _ = smoke
+    text = (out / "table2.md").read_text()
+    timelines = []
+    for name in CONCAT:
+        series = read_metrics(out / name)
+        clock = series["time/train_seconds"]
+        timelines.append([(s, clock[s], a) for s, a in sorted(series["valid/accuracy"].items())])
+    transformer, performer = timelines
+    _, final_time, final_accuracy = transformer[-1]
+    reach = script.time_to_reach(performer, final_accuracy)
+    ratio = None if reach is None else reach / final_time
+    row = next(line for line in text.splitlines() if line.startswith("| Transformer | "))
+    assert row.split("|")[3].strip() == f"{100 * final_accuracy:.2f}"
+    row = next(line for line in text.splitlines() if line.startswith("| Performer (generalized) |"))
+    assert row.split("|")[-2].strip() == ("-" if ratio is None else f"{ratio:.2f}x")
+    concat = {line: ok for line, ok in _verdicts(text).items() if line.startswith("concat: ")}
+    assert list(concat.values()) == [ratio is not None and ratio < 0.5]
+    assert f"accuracy {100 * final_accuracy:.2f}%" in next(iter(concat))
+
+
+def test_table2_evaluation_equals_a_fresh_evaluate(smoke, capsys, single_torch_thread):
+    """evaluate.json, the table's source, is what a user gets from `protperf evaluate`."""
+    out, _ = smoke
+    run = out / "bid-performer-generalized"
     capsys.readouterr()
-    run = out / "runs" / "bidirectional-relu"
     argv = ["evaluate", "--model", str(run), "--data", str(out / "data"), "--format", "json"]
     assert protperf_main(argv) == 0
     fresh = json.loads(capsys.readouterr().out)
-    rows = _table_rows((out / "table2.md").read_text())
-    row = next(r for r in rows if r[:3] == ["BID", "OOD", "Performer (generalized)"])
-    assert row[3] == f"{100 * fresh['splits']['ood']['model']['accuracy']:.2f}"
-    assert row[4] == f"{fresh['splits']['ood']['model']['perplexity']:.2f}"
+    assert fresh["splits"] == json.loads((run / "evaluate.json").read_text())["splits"]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_rerun_skips_finished_runs(smoke, script, capsys):
     out, argv = smoke
-    before = _table_rows((out / "table2.md").read_text())
+    exports = {name: out / name / "export" / "model.safetensors" for name in SINGLE + CONCAT}
+    before = {name: (_digest(path), path.stat().st_mtime_ns) for name, path in exports.items()}
+    table = _table_rows((out / "table2.md").read_text())
     capsys.readouterr()
-    started = time.perf_counter()
     assert script.main(argv) == 0
-    elapsed = time.perf_counter() - started
     printed = capsys.readouterr().out
-    assert "reusing" in printed and "$ protperf" not in printed  # nothing prepared or trained
-    assert printed.count("skip ") == 8
-    assert _table_rows((out / "table2.md").read_text()) == before
-    assert elapsed < 30, elapsed  # plotting only
+    assert "$ protperf" not in printed  # nothing prepared, trained or evaluated
+    assert "reusing" in printed and printed.count("skip ") == 8
+    assert {name: (_digest(p), p.stat().st_mtime_ns) for name, p in exports.items()} == before
+    assert _table_rows((out / "table2.md").read_text()) == table
 
 
-def test_concat_runs_differ_only_in_kernel_and_steps(script, tmp_path):
-    args = script.parse_args(["--out", str(tmp_path)])
-    exact = script.concat_train_argv(args, tmp_path / "data", "exact")
-    relu = script.concat_train_argv(args, tmp_path / "data", "relu")
-    for argv in (exact, relu):
-        assert "--model.local_conv=4" in argv and "--optim.schedule=constant" in argv
-        assert "--model.max_length=8192" in argv and "--concat" in argv
-    assert "--trainer.max_steps=600" in exact and "--trainer.max_steps=1200" in relu
-    only_exact = [str(a) for a in exact if a not in relu]
-    only_relu = [str(a) for a in relu if a not in exact]
-    assert only_exact == [
-        str(tmp_path / "runs" / "concat-exact"),
-        "exact",
-        "--trainer.max_steps=600",
-    ]
-    assert only_relu == [
-        str(tmp_path / "runs" / "concat-relu"),
-        "relu",
-        "--trainer.max_steps=1200",
-        "--model.chunk_size=32",  # the Performer's block length; exact attention has none
-    ]
-    single = script.single_train_argv(args, tmp_path / "data", "unidirectional", "exact")
-    assert not any("local_conv" in str(a) for a in single)  # the paper's architecture
-    # FAVOR+ softmax keeps its initial features by default; the other kernels have none to redraw
-    assert not any("redraw" in str(a) for a in single)
-    softmax = script.single_train_argv(args, tmp_path / "data", "bidirectional", "softmax")
-    assert "--redraw_until=1" in [str(a) for a in softmax]
-    assert script.parse_args(["--out", str(tmp_path), "--modes"]).modes == []
-
-
-def test_time_to_reach_interpolates_over_time(script):
-    timeline = [(9, 10.0, 0.10), (19, 20.0, 0.20), (29, 40.0, 0.30)]
-    assert script.time_to_reach(timeline, 0.05) == 10.0  # already there at the first point
-    assert script.time_to_reach(timeline, 0.25) == pytest.approx(30.0)
-    assert script.time_to_reach(timeline, 0.30) == pytest.approx(40.0)
-    assert script.time_to_reach(timeline, 0.31) is None
-
-
-def test_rerun_resumes_an_unfinished_run(smoke, script, capsys):
-    """A run killed after its last checkpoint (no export, no record yet) resumes from it."""
+def test_rerun_resumes_an_interrupted_run(smoke, script, capsys):
+    """A run stopped after its step-3 checkpoint (no export) is continued from it, not restarted:
+    the relaunch logs steps 3-5 only and ends with the uninterrupted run's weights."""
     out, argv = smoke
-    run_dir = out / "runs" / "unidirectional-relu"
+    run_dir = out / "uni-performer-generalized"
     trained = load_file(run_dir / "export" / "model.safetensors")
-    first_wall = json.loads((run_dir / script.RECORD).read_text())["wall_s"]
     shutil.rmtree(run_dir / "export")
-    (run_dir / script.RECORD).unlink()
+    shutil.copy(
+        run_dir / "checkpoints" / "step00000003.ckpt", run_dir / "checkpoints" / "last.ckpt"
+    )
     capsys.readouterr()
     assert script.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "unidirectional-relu holds an unfinished run: resuming it" in printed
-    assert "starting it over" not in printed
-    assert printed.count("skip ") == 7 and printed.count(" --resume") == 1
+    commands = [line for line in printed.splitlines() if line.startswith("$ protperf")]
+    assert len(commands) == 2  # train --resume, then evaluate, of that run only
+    assert commands[0].startswith("$ protperf train --config ") and str(run_dir) in commands[0]
+    assert " --resume" in commands[0]
+    assert commands[1].startswith(f"$ protperf evaluate --model {run_dir} ")
+    assert printed.count("skip ") == 7
+    versions = sorted((run_dir / "logs").glob("version_*/metrics.csv"))
+    assert len(versions) == 2
+    relaunch = read_metrics(versions[1].parent)["train/loss"]
+    assert min(relaunch) == 3 and min(read_metrics(versions[0].parent)["train/loss"]) == 0
     resumed = load_file(run_dir / "export" / "model.safetensors")
     assert resumed.keys() == trained.keys()
-    for name, tensor in trained.items():  # nothing retrained: the checkpoint was the last step
-        assert torch.equal(resumed[name], tensor), name
-    record = json.loads((run_dir / script.RECORD).read_text())
-    assert record["resumed"] is True
-    # The first attempt's time up to its last checkpoint, plus the resumed part.
-    assert 0.5 * first_wall < record["wall_s"]
-
-
-def test_data_with_other_options_needs_force(script, proteome_dir, tmp_path):
-    """OUT/data made with other options is refused, and prepared again with --force."""
-    out = tmp_path / "out"
-    common = ["--smoke", "--out", str(out), "--proteomes-dir", str(proteome_dir)]
-    runner = script.Runner("in-process")
-    _, first = script.prepare(script.parse_args([*common, "--max-sequences", "300"]), runner)
-    assert first["max_sequences"] == 300
-    other = script.parse_args([*common, "--max-sequences", "200"])
-    with pytest.raises(SystemExit, match="prepared with other options"):
-        script.prepare(other, runner)
-    other.force = True
-    _, second = script.prepare(other, runner)
-    assert second["max_sequences"] == 200 and second["records_read"] < first["records_read"]
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("data")) == ["data"]
+    for name, tensor in trained.items():
+        assert torch.equal(resumed[name], tensor), name  # training is deterministic on a CPU

@@ -12,8 +12,7 @@ import yaml
 from lm_data import write_dataset
 from lm_models import TINY_TRAIN_ARGS
 
-from protperf import cli, train
-from protperf.export import load_model
+from protperf import cli, load_model, train
 from protperf.plot import read_metrics
 
 TINY_ARGS = TINY_TRAIN_ARGS
@@ -26,8 +25,7 @@ def data(tmp_path_factory, proteome_dir):
 
 
 def test_print_config_and_the_concat_preset(capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--concat", "--model.depth=2", "--print_config"])
+    assert train.main(["--concat", "--model.depth=2", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["concat"] is True
     assert printed["model"]["depth"] == 2  # explicit values beat the preset
@@ -35,8 +33,7 @@ def test_print_config_and_the_concat_preset(capsys):
     assert printed["loader"]["batch_size"] == 8
     assert printed["trainer"]["gradient_clip_val"] == 0.5
     assert "causal" not in printed["model"]  # set by --bidirectional, not by hand
-    with pytest.raises(SystemExit):
-        train.main(["--print_config"])
+    assert train.main(["--print_config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["depth"] == 36 and printed["model"]["ff_dim"] == 1024
     assert printed["optim"] == {
@@ -53,7 +50,7 @@ def test_print_config_and_the_concat_preset(capsys):
 
 def test_train_writes_logs_checkpoints_export_and_curves(data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["--data", str(data), "--run_dir", str(run_dir), *TINY_ARGS, "--model.kernel=relu"]
+    args = ["--data", str(data), "--run-dir", str(run_dir), *TINY_ARGS, "--model.kernel=relu"]
     assert cli.main(["train", *args, "--trainer.max_steps=8"]) == 0
     for name in (
         "config.yaml",
@@ -75,13 +72,14 @@ def test_train_writes_logs_checkpoints_export_and_curves(data, tmp_path, capsys)
     # The resolved config reproduces the run; checkpoints load without unpickling.
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["kernel"] == "relu" and saved["trainer"]["max_steps"] == 8
-    _, again = train.parse(["--config", str(run_dir / "config.yaml"), "--resume"])
-    assert again.run_dir == str(run_dir) and again.resume and again.model.kernel == "relu"
+    again = train.parse(["--config", str(run_dir / "config.yaml"), "--resume"])
+    assert again["run_dir"] == run_dir and again["resume"] and again["model"].kernel == "relu"
     checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 8 and checkpoint["ProteinDataModule"]["consumed"] == 8
-    exported, config = load_model(run_dir / "export")
-    from_ckpt, _ = load_model(run_dir / "checkpoints/last.ckpt")
-    from_run, _ = load_model(run_dir)
+    exported = load_model(run_dir / "export")
+    config = exported.config
+    from_ckpt = load_model(run_dir / "checkpoints/last.ckpt")
+    from_run = load_model(run_dir)
     assert config.causal and config.kernel == "relu"
     for a, b, c in zip(
         exported.state_dict().values(),
@@ -93,8 +91,12 @@ def test_train_writes_logs_checkpoints_export_and_curves(data, tmp_path, capsys)
     meta = json.loads((run_dir / "export/config.json").read_text())
     assert meta["mode"] == "unidirectional" and meta["step"] == 8
     # A second launch into the same run needs --resume.
-    with pytest.raises(SystemExit, match="--resume"):
-        cli.main(["train", *args, "--trainer.max_steps=8"])
+    assert cli.main(["train", *args, "--trainer.max_steps=8"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == (
+        f"protperf train: error: {run_dir} already holds a run: pass --resume to continue it, "
+        "or another --run-dir"
+    )
     # protperf plot
     (run_dir / "curves.png").unlink()
     assert cli.main(["plot", str(run_dir)]) == 0
@@ -127,18 +129,21 @@ def _final_state(run_dir):
 def test_kill_and_resume_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
     common = [
         "--data", str(data), *TINY_ARGS, "--bidirectional", "--model.kernel=softmax",
-        "--model.dropout=0.1", "--redraw_every=3", "--trainer.max_steps=10", "--no_test",
+        "--model.dropout=0.1", "--redraw-every=3", "--trainer.max_steps=10", "--no-test",
         "--optim.schedule=cosine", "--optim.warmup_steps=2",
     ]  # fmt: skip
-    assert train.main([*common, "--run_dir", str(tmp_path / "straight")]) == 0
+    assert train.main([*common, "--run-dir", str(tmp_path / "straight")]) == 0
 
     original = train.build_callbacks
     monkeypatch.setattr(train, "build_callbacks", lambda *a, **k: [*original(*a, **k), _Crash(7)])
-    with pytest.raises((KeyboardInterrupt, SystemExit)):
-        train.main([*common, "--run_dir", str(tmp_path / "killed")])
+    try:  # Lightning turns the interrupt into SystemExit, or protperf into status 130
+        status = train.main([*common, "--run-dir", str(tmp_path / "killed")])
+    except SystemExit as stop:
+        status = stop.code
+    assert status not in (0, None)
     assert _final_state(tmp_path / "killed")["global_step"] == 6
     monkeypatch.setattr(train, "build_callbacks", original)
-    assert train.main([*common, "--run_dir", str(tmp_path / "killed"), "--resume"]) == 0
+    assert train.main([*common, "--run-dir", str(tmp_path / "killed"), "--resume"]) == 0
 
     straight, resumed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
     assert straight["global_step"] == resumed["global_step"] == 10
@@ -153,15 +158,15 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data, tmp_path, monkeypatc
 
 def test_concat_mode_trains(data, tmp_path):
     run_dir = tmp_path / "concat"
-    args = ["--data", str(data), "--run_dir", str(run_dir), *TINY_ARGS, "--concat"]
+    args = ["--data", str(data), "--run-dir", str(run_dir), *TINY_ARGS, "--concat"]
     args += [
         "--model.depth=1",
         "--model.ff_dim=64",
         "--model.max_length=128",
         "--loader.batch_size=2",
     ]
-    assert train.main([*args, "--trainer.max_steps=3", "--no_test"]) == 0
-    _, config = load_model(run_dir)
+    assert train.main([*args, "--trainer.max_steps=3", "--no-test"]) == 0
+    config = load_model(run_dir).config
     assert config.max_length == 128 and config.depth == 1 and config.causal
     assert json.loads((run_dir / "export/config.json").read_text())["concat"] is True
 
@@ -169,8 +174,9 @@ def test_concat_mode_trains(data, tmp_path):
 def test_wandb_is_offline_without_credentials(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    _, cfg = train.parse(["--wandb", "--data", "x"])
-    loggers = train.build_loggers(cfg, tmp_path)
+    arguments = train.parse(["--wandb", "--data", "x"])
+    assert arguments["wandb"] and arguments["wandb_project"] == "protperf"
+    loggers = train.build_loggers(tmp_path, wandb=True)
     assert [type(logger).__name__ for logger in loggers] == ["CSVLogger", "WandbLogger"]
     assert loggers[1]._wandb_init["mode"] == "offline"
 
@@ -179,7 +185,7 @@ def test_bf16_mixed_precision_trains_on_cpu(data, tmp_path, monkeypatch):
     """bf16-mixed on a CPU (fast on CPUs with AMX): finite losses that fall, float32 weights out.
 
     FAVOR+ itself runs in float32 under autocast; the linear layers run in bfloat16, and with
-    --float32_matmul_precision=medium FAVOR+'s float32 products too, for the run only.
+    --float32-matmul-precision=medium FAVOR+'s float32 products too, for the run only.
     """
     before = torch.get_float32_matmul_precision()
     calls: list[str] = []
@@ -191,9 +197,9 @@ def test_bf16_mixed_precision_trains_on_cpu(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "set_float32_matmul_precision", record)
     run_dir = tmp_path / "bf16"
-    args = ["--data", str(data), "--run_dir", str(run_dir), *TINY_ARGS]
-    args += ["--trainer.precision=bf16-mixed", "--float32_matmul_precision=medium"]
-    assert train.main([*args, "--trainer.max_steps=30", "--no_test"]) == 0
+    args = ["--data", str(data), "--run-dir", str(run_dir), *TINY_ARGS]
+    args += ["--trainer.precision=bf16-mixed", "--float32-matmul-precision=medium"]
+    assert train.main([*args, "--trainer.max_steps=30", "--no-test"]) == 0
     assert calls == ["medium", before]  # set for the run, restored after it
     assert torch.get_float32_matmul_precision() == before
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -204,7 +210,7 @@ def test_bf16_mixed_precision_trains_on_cpu(data, tmp_path, monkeypatch):
     losses = [loss for _, loss in sorted(series[name].items())]
     assert len(losses) >= 2 and all(torch.isfinite(torch.tensor(losses)))
     assert max(losses[-3:]) < losses[0] - 0.1  # it learns (3.37 -> 2.98 when written)
-    model, _ = load_model(run_dir)
+    model = load_model(run_dir)
     weights = list(model.state_dict().values())
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights)
 
@@ -214,15 +220,15 @@ def test_compiled_training_matches_eager_with_redraws(data, tmp_path):
     included (dropout off: compiled and eager dropout draw different masks)."""
     common = [
         "--data", str(data), *TINY_ARGS, "--concat", "--model.depth=1", "--model.max_length=128",
-        "--loader.batch_size=2", "--model.dropout=0", "--redraw_every=2",
-        "--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--no_test",
+        "--loader.batch_size=2", "--model.dropout=0", "--redraw-every=2",
+        "--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--no-test",
     ]  # fmt: skip
-    assert train.main([*common, "--run_dir", str(tmp_path / "eager")]) == 0
-    assert train.main([*common, "--run_dir", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert train.main([*common, "--run-dir", str(tmp_path / "eager")]) == 0
+    assert train.main([*common, "--run-dir", str(tmp_path / "compiled"), "--compile"]) == 0
     saved = yaml.safe_load((tmp_path / "compiled" / "config.yaml").read_text())
     assert saved["compile"] is True
-    eager, _ = load_model(tmp_path / "eager")
-    compiled, _ = load_model(tmp_path / "compiled")
+    eager = load_model(tmp_path / "eager")
+    compiled = load_model(tmp_path / "compiled")
     eager_state, compiled_state = eager.state_dict(), compiled.state_dict()
     assert eager_state.keys() == compiled_state.keys()  # no _orig_mod. prefixes in the export
     for key, value in eager_state.items():  # a run without the redraws differs by ~1e-3
@@ -244,7 +250,7 @@ def test_bad_data_is_a_one_line_error_and_writes_no_run(problem, proteome_dir, t
         write_dataset(folder, fasta, concat_length=4096, max_residues=20)
         extra = ["--concat", "--model.max_length=4096"]
     run_dir = tmp_path / "run"
-    args = ["--data", str(folder), "--run_dir", str(run_dir), *TINY_ARGS, *extra]
+    args = ["--data", str(folder), "--run-dir", str(run_dir), *TINY_ARGS, *extra]
     assert cli.main(["train", *args, "--trainer.max_steps=2"]) == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("protperf train: error: --data: ")
@@ -260,8 +266,8 @@ def test_bad_data_is_a_one_line_error_and_writes_no_run(problem, proteome_dir, t
 
 def test_invalid_model_config_is_a_one_line_error(data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["--data", str(data), "--run_dir", str(run_dir), *TINY_ARGS, "--model.dim=30"]
+    args = ["--data", str(data), "--run-dir", str(run_dir), *TINY_ARGS, "--model.dim=30"]
     assert cli.main(["train", *args]) == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("protperf train: error: invalid configuration: dim (30)")
+    assert message.startswith("protperf train: error: invalid model setting: dim (30)")
     assert not run_dir.exists()

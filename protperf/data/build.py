@@ -27,10 +27,9 @@ holding about ``bucket_tokens`` tokens and at most about ``bucket_records`` reco
 spilled to its own file (a split smaller than that is one bucket, kept in memory). Each bucket
 is then read back, put in key order, joined with ``<eos>`` and cut into ``concat`` rows: an
 external shuffle whose memory is one bucket. Every per-record array is transformed slice by
-slice, never copied whole. Peak memory, measured (``benchmarks/prepare_memory.py``): about 21
-bytes per record (shuffle keys, lengths, labels, the largest split's member indices and bucket
-numbers) plus a fixed few hundred MB and one bucket: 2.96 GB for 139 M records, about 3.3 GB
-with TrEMBL's full-size buckets.
+slice, never copied whole. Peak memory is about 21 bytes per record (shuffle keys, lengths,
+labels, the largest split's member indices and bucket numbers) plus a fixed few hundred MB and
+one bucket: a few GB for TrEMBL's 139 M records (``benchmarks/prepare_memory.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from protperf.data.paper import (  # re-exported: the split names and the paper'
 )
 from protperf.data.records import RecordBatch
 from protperf.durable import sync_parent, sync_tree
+from protperf.seeds import MASK64, splitmix64
 
 TRAIN, VALID, TEST, OOD = range(4)
 DROPPED = 255
@@ -88,24 +88,17 @@ def sequence_hashes(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     )
 
 
-def _splitmix64(values: np.ndarray) -> np.ndarray:
-    x = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def concat_keys(hashes: np.ndarray, seed: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """Seeded shuffle keys (uint64) of sequences given their hashes; concat order sorts them.
 
     Computed slice by slice (no full-size temporaries); ``out`` (uint64, may be ``hashes``
     itself) receives them.
     """
-    salt = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    salt = splitmix64(np.array([seed & MASK64], dtype=np.uint64))
     hashes = np.asarray(hashes, dtype=np.uint64)
     keys = np.empty(len(hashes), dtype=np.uint64) if out is None else out
     for window in _windows(len(hashes)):
-        keys[window] = _splitmix64(hashes[window] ^ salt)
+        keys[window] = splitmix64(hashes[window] ^ salt)
     return keys
 
 

@@ -34,10 +34,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from protperf.model import derive_seed
+from protperf.data.paper import SPLITS
+from protperf.seeds import derive_seed
 from protperf.tokenizer import BOS, EOS, PAD
 
-SPLITS = ("train", "valid", "test", "ood")
 EVAL_EPOCH = -1  # the "epoch" of evaluation seeds: crops are fixed across evaluations
 
 
@@ -460,13 +460,13 @@ class ProteinDataModule(pl.LightningDataModule):
             self.loader.token_budget is not None or self.loader.bucket_by_length
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _train_sampler(self, rank: int, world: int) -> TrainBatchSampler:
+        """The train split's batch sampler for one rank; ValueError naming the file when the
+        split has no item or fewer than one batch per rank."""
         dataset = self._dataset("train")
+        what = "concat chunks" if self.concat else "sequences"
         if dataset is None:
-            raise ValueError(
-                f"{self._path('train')} holds no {'chunks' if self.concat else 'sequences'}"
-            )
-        rank, world = self._rank_world()
+            raise ValueError(f"{self._path('train')}: the train split holds no {what}")
         sampler = TrainBatchSampler(
             len(dataset),
             batch_size=self.loader.batch_size,
@@ -479,10 +479,21 @@ class ProteinDataModule(pl.LightningDataModule):
             pool_size=self.loader.pool_size,
         )
         if len(sampler) == 0:
+            ranks = f" on each of {world} ranks" if world > 1 else ""
             raise ValueError(
-                f"train split too small: {len(dataset)} items give no batch of {self.loader.batch_size} "
-                f"on each of {world} ranks"
+                f"{self._path('train')}: the train split's {len(dataset)} {what} make no batch "
+                f"of {self.loader.batch_size}{ranks} (a smaller --loader.batch_size, or more data)"
             )
+        return sampler
+
+    def check_batches(self, world_size: int = 1) -> None:
+        """Raise ValueError (naming the file) unless every rank gets at least one train batch."""
+        self._train_sampler(0, world_size)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train")
+        rank, world = self._rank_world()
+        sampler = self._train_sampler(rank, world)
         if self._resume is not None:
             sampler.load_position(*self._resume)
             self._resume = None

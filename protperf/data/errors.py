@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from protperf.errors import InputError
 
-class DataError(Exception):
-    """Anything that stops ``prepare-data``; the CLI prints the message and exits non-zero."""
+
+class DataError(InputError):
+    """Anything in the data that stops ``prepare-data`` or a verb reading a dataset; the command
+    line prints the message as one line and exits with status 1."""
 
 
 class DownloadError(DataError):

@@ -11,12 +11,12 @@ Layout of ``<split>.h5`` (N sequences, T tokens, C concat chunks of length L):
 - attributes ``split``, ``num_sequences``, ``num_tokens``, ``concat_length``, ``concat_chunks``,
   ``seed``, ``format_version``, ``protperf_version``.
 
-Storage: everything is chunked; by default only ``accessions`` is compressed (lzf). Measured
-here (2-core Xeon): token ids of proteins are nearly incompressible (lzf saves 15%, gzip-1 40%
-on the shared proteomes) while lzf makes writing 12x slower and random reads of single
-sequences 5-16x slower (119 k/s uncompressed, 7.5-25 k/s lzf); lzf+shuffle would shrink
-``offsets`` 4x but cut random ``offsets[i:i+2]`` reads from 96 k/s to 5 k/s. ``--compression``
-turns lzf or gzip on for ``tokens`` and ``concat``.
+Storage: everything is chunked; by default only ``accessions`` is compressed (lzf). Token ids of
+proteins are nearly incompressible (lzf saves about a sixth), while a compressed chunk must be
+decoded whole for every random read of one sequence, which makes the data loader's random
+access an order of magnitude slower; the same holds for ``offsets``, which shuffle+lzf would
+shrink but whose two-element reads it would slow down most. ``--compression`` turns lzf or gzip
+on for ``tokens`` and ``concat`` where disk matters more than loading speed.
 """
 
 from __future__ import annotations

@@ -18,6 +18,30 @@ from protperf.data.errors import DataError
 from protperf.durable import replace_folder
 
 MANIFEST = "manifest.json"
+#: Where ``prepare-data`` writes, and the verbs that read a dataset look, by default.
+DATA_DIR = Path("data")
+
+
+def find_dataset(root: Path = DATA_DIR) -> Path:
+    """The one prepared dataset (a folder with a manifest.json and a train.h5) directly under
+    ``root``; raises DataError naming what was found when there is none or several."""
+    found = sorted(
+        path.parent
+        for path in Path(root).glob(f"*/{MANIFEST}")
+        if not path.parent.name.startswith(".") and (path.parent / "train.h5").is_file()
+    )
+    if not found:
+        raise DataError(
+            f"no --data given and no prepared dataset under {root}/: run "
+            "`protperf prepare-data --release 2019_01` first, or pass --data DIR"
+        )
+    if len(found) > 1:
+        names = ", ".join(str(path) for path in found)
+        raise DataError(
+            f"no --data given and {len(found)} prepared datasets under {root}/ ({names}): "
+            "pass --data DIR"
+        )
+    return found[0]
 
 
 def check_output(out: Path, *, overwrite: bool) -> None:

@@ -1,31 +1,21 @@
-"""Fused FAVOR+ attention kernels (bidirectional and causal) with hand-written backward passes.
+"""Causal FAVOR+: the chunked kernel (training, whole sequences) and the one-token recurrence
+(decoding), side by side, computing the same out_i.
 
-Why this exists: autograd through the plain formulation keeps every L x m intermediate
-(projections, exponentials, stabilisers, features with the stabiliser added) and allocates a fresh
-one per operation, which on a CPU costs more in page faults and memory traffic than in arithmetic.
-Here the feature exponentials are computed in place; the stabiliser eps, the key norms, the
-normaliser and the key scales are folded into small L x (d+1) or m x (d+1) products; and the causal
-kernel works on blocks of batch-and-head rows, recomputing a block's features in the backward
-instead of storing them.
+Notation (per row; N = batch * heads, see :mod:`protperf.favor`): q, k, v (N, L, d); W (d, m);
+E_q, Ê_k (N, L, m) the features without the stabiliser and g (N, L, 1) the key log-scales (from
+:mod:`protperf.favor.features`); V~ = [v, 1] (N, L, d+1);
+    out_i = sum_{j<=i} (Q''_i . K''_j) V~_j,   Q''_i = E_q,i + eps,
+    K''_j = Ê_k,j exp(g_j - M_i) + eps * valid_j,   result_i = out_i[:d] / out_i[d].
+Query i uses M_i = the max of g over the keys j <= i, so that its output depends on the past
+alone, in value as well as in gradient: the recurrence, which can only know the past, then gives
+the chunked kernel's result. Every scale exp(g_j - M_i) is <= 1. Without key scales (ReLU)
+M plays no part.
 
-Notation (per batch-and-head row; the leading dimension N = batch * heads):
-    q, k, v   (N, L, d)     inputs;   W (d, m): the projection (already scaled by d^-1/4 for softmax)
-    E_q       (N, L, m)     query features without the stabiliser
-    Ê_k, g    (N, L, m), (N, L, 1)   key features and their log-scales: a key's feature is
-                            Ê_k exp(g - M) for a reference M (zero and -inf at padded keys)
-    Q'' = E_q + eps,  K'' = Ê_k exp(g - M) + eps * valid      the features of the official code
-    V~ = [v, 1]  (N, L, d+1)                       the last output column is the normaliser
-    out_i = sum_j (Q''_i . K''_j) V~_j  (j <= i when causal),   result = out / out[:, d]
-
-Softmax: E_q = exp(qW - max_j (qW)_j), Ê_k = exp(kW - max_j (kW)_j), g = max_j (kW)_j - |k|^2/(2 sqrt d),
-so that Ê_k exp(g) = exp(kW - |k|^2/(2 sqrt d)), the FAVOR+ positive feature up to m^-1/2. The
-per-position maxima and M cancel between numerator and normaliser and are constants in the
-backward (the official code's stop_gradient).
-* Bidirectional: M is the max of g over the row's valid keys (as the official code).
-* Causal: query i uses M_i = max of g over the keys j <= i, so that its output depends on the past
-  alone, in value as well as in gradient, and equals the token-by-token recurrence
-  (``FastAttention.step``), which can only know the past. Every scale exp(g_j - M_i) is <= 1.
-ReLU (generalized): E = ReLU(xW), or ReLU(x) without a projection; no scales; eps = 1e-3.
+* :func:`causal_step`: one position at a time from a :class:`DecodeState` of size m x (d+1) per
+  row, O(m d) per token whatever the position.
+* :class:`CausalFavor`: chunks of C positions. Within a chunk the masked C x C scores are formed;
+  across chunks a carried state (m x (d+1) per chunk) holds the past, found for all chunks at
+  once by a grouped scan (:func:`_scan_states`).
 """
 
 from __future__ import annotations
@@ -36,315 +26,76 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Exponents below the floor give exactly 0 instead of a subnormal float. x86 CPUs compute on
-#: subnormals 4-10x slower, and a trained softmax model's features span enough orders of magnitude
-#: to produce them: causal attention at q, k norms 10x those at initialisation ran 5x slower
-#: (single thread: 285 ms, 72 ms with flush-to-zero). The protperf command also turns on the CPU's
-#: flush-to-zero (protperf.runtime.flush_denormals); this floor keeps the kernels fast without it,
-#: in any program that imports them. e^-25 is 1e-5 of the eps that every feature carries,
-#: so dropping smaller values changes no output measurably. float64 keeps values to e^-200 (the
-#: exactness tests compare with a naive reference to 1e-10).
-EXP_FLOOR = {torch.float64: -200.0}
-DEFAULT_EXP_FLOOR = -25.0
+from protperf.favor.blocks import (
+    _normalise,
+    _output_gradient,
+    _row_blocks,
+    _segments,
+    _values_with_ones,
+)
+from protperf.favor.features import FeatureMap, flush_exp_
+
+# ---------------------------------------------------------------------------------------------
+# The recurrence: one token
+# ---------------------------------------------------------------------------------------------
 
 
-def flush_exp_(x: Tensor) -> Tensor:
-    """exp in place, entries at or below the dtype's floor set to exactly 0 (never subnormal).
+@dataclass
+class DecodeState:
+    """What one causal attention layer remembers while decoding token by token.
 
-    Callers pass fresh temporaries (differences of maxima, logits), so no copy is made. Three
-    streaming passes, none of which meets a subnormal: clamp the exponents a little below the
-    floor (so that exp stays a normal float), exp, then zero what is at most exp(floor); NaN
-    stays NaN. The earlier form (compare, masked_fill with -inf, exp) built a boolean mask and
-    cost 2-4x as much: 26-55 ms against 13 ms on an (8, 8192, 256) float32 tensor."""
-    floor = EXP_FLOOR.get(x.dtype, DEFAULT_EXP_FLOOR)
-    return torch.nn.functional.threshold_(x.clamp_min_(floor - 5.0).exp_(), math.exp(floor), 0.0)
-
-
-class FeatureMap:
-    """How E_q and E_k are formed from (q, k) and how gradients flow back through them.
-
-    ``eps`` is the stabiliser added to every feature (the official code's numerical_stabilizer).
+    FAVOR+ (constant size, whatever the length):
+        context (B, H, m, d+1): sum over past keys of E_k^T [v, 1], at the scale exp(-key_max);
+        value_sum (B, H, 1, d+1): sum over past keys of [v, 1] (the stabiliser's share);
+        key_max (B, H, 1, 1): the running max of the key logits (softmax kernel only).
+    Exact attention (grows with the length): context holds the keys (B, H, t, d), value_sum the
+    values (B, H, t, d).
     """
 
-    default_eps: float
-
-    def __init__(self, eps: float | None = None) -> None:
-        self.eps = self.default_eps if eps is None else float(eps)
-
-    def queries(self, q: Tensor, w: Tensor | None) -> Tensor:
-        """(N, L, d) -> E_q (N, L, m)."""
-        raise NotImplementedError
-
-    def keys(
-        self, k: Tensor, w: Tensor | None, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """(N, L, d) -> Ê_k (N, L, m), zero where ``valid`` (N, L, 1) is False, and the log-scales
-        g (N, L, 1), -inf where invalid (None: every key has scale 1)."""
-        raise NotImplementedError
-
-    def query_grad(self, grad: Tensor, features: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
-        """dE_q (N, L, m, overwritten) -> dq (N, L, d)."""
-        raise NotImplementedError
-
-    def key_grad(
-        self,
-        grad: Tensor,
-        features: Tensor,
-        k: Tensor,
-        w: Tensor | None,
-        grad_log_scale: Tensor | None,
-    ) -> Tensor:
-        """dÊ_k (N, L, m, overwritten) and dg (N, L, 1) -> dk (N, L, d)."""
-        raise NotImplementedError
+    context: Tensor
+    value_sum: Tensor
+    key_max: Tensor | None = None
 
 
-class SoftmaxFeatures(FeatureMap):
-    """FAVOR+ positive random features of exp(q.k / sqrt(d)); ``w`` is W^T d^-1/4, (d, m)."""
+def causal_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor | None,
+    feature_map: FeatureMap,
+    state: DecodeState | None = None,
+) -> tuple[Tensor, DecodeState]:
+    """One position of causal FAVOR+: q, k, v (B, H, 1, d) -> (B, H, 1, d) and the new state.
 
-    default_eps = 1e-6
-
-    def queries(self, q: Tensor, w: Tensor | None) -> Tensor:
-        logits = torch.matmul(q, w)
-        logits.sub_(logits.amax(dim=-1, keepdim=True))
-        return flush_exp_(logits)
-
-    def keys(
-        self, k: Tensor, w: Tensor | None, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        logits = torch.matmul(k, w)
-        row_max = logits.amax(dim=-1, keepdim=True)
-        features = flush_exp_(logits.sub_(row_max))
-        log_scale = row_max - k.pow(2).sum(dim=-1, keepdim=True) * (0.5 / math.sqrt(k.shape[-1]))
-        if valid is not None:
-            features.masked_fill_(~valid, 0.0)
-            log_scale.masked_fill_(~valid, -math.inf)
-        return features, log_scale
-
-    def query_grad(self, grad: Tensor, features: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
-        return torch.matmul(grad.mul_(features), w.T)
-
-    def key_grad(
-        self,
-        grad: Tensor,
-        features: Tensor,
-        k: Tensor,
-        w: Tensor | None,
-        grad_log_scale: Tensor | None,
-    ) -> Tensor:
-        # g = max(kW) - |k|^2 / (2 sqrt d), the max being a constant: dg/dk = -k / sqrt d.
-        grad_k = torch.matmul(grad.mul_(features), w.T)
-        return grad_k.sub_(grad_log_scale * k * (1.0 / math.sqrt(k.shape[-1])))
-
-
-class ReluFeatures(FeatureMap):
-    """The generalized kernel's features ReLU(x W), or ReLU(x) when ``w`` is None."""
-
-    default_eps = 1e-3
-
-    def queries(self, q: Tensor, w: Tensor | None) -> Tensor:
-        return torch.matmul(q, w).relu_() if w is not None else q.clamp(min=0)
-
-    def keys(
-        self, k: Tensor, w: Tensor | None, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        features = self.queries(k, w)
-        return (features if valid is None else features.masked_fill_(~valid, 0.0)), None
-
-    def query_grad(self, grad: Tensor, features: Tensor, q: Tensor, w: Tensor | None) -> Tensor:
-        # ReLU's own backward (zero where the feature is <= 0), one fused pass: a boolean mask
-        # and masked_fill_ cost 10x as much on a CPU (3.0 against 0.28 ms on (4, 8192, 32)).
-        grad = torch.ops.aten.threshold_backward(grad, features, 0.0)
-        return torch.matmul(grad, w.T) if w is not None else grad
-
-    def key_grad(
-        self,
-        grad: Tensor,
-        features: Tensor,
-        k: Tensor,
-        w: Tensor | None,
-        grad_log_scale: Tensor | None,
-    ) -> Tensor:
-        return self.query_grad(grad, features, k, w)
-
-
-FEATURE_MAPS: dict[str, type[FeatureMap]] = {"softmax": SoftmaxFeatures, "relu": ReluFeatures}
-
-
-def _values_with_ones(v: Tensor) -> Tensor:
-    return torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
-
-
-def _normalise(out: Tensor) -> tuple[Tensor, Tensor]:
-    """Split (N, L, d+1) into the result (N, L, d) and the normaliser (N, L, 1).
-
-    A query with no valid key at all (causal attention at left padding) has a zero normaliser:
-    its result is 0 and passes no gradient (the normaliser becomes +inf).
+    ``w`` (d, m) or None, as :class:`CausalFavor` takes it; ``state`` None at the first position.
+    The result equals :class:`CausalFavor`'s at that position, up to rounding: the context is kept
+    at the scale of the running max of the key log-scales (M_i above), rescaled when a new key
+    raises it. Computes in the inputs' dtype; no autograd graph is meant to be kept.
     """
-    denominator = out[..., -1:]
-    denominator = denominator.masked_fill(denominator == 0, math.inf)  # a copy: `out` can go
-    return out[..., :-1] / denominator, denominator
+    values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, 1, d+1)
+    query_features = feature_map.queries(q, w)
+    key_features, key_max = feature_map.keys(k, w, None)
+    if key_max is not None:  # softmax: scale the new key, and the past, to the running max
+        log_scale = key_max
+        if state is not None:
+            key_max = torch.maximum(log_scale, state.key_max)
+        key_features = key_features * flush_exp_(log_scale - key_max)
+    context = key_features.transpose(-2, -1) @ values  # (B, H, m, d+1)
+    value_sum = values
+    if state is not None:
+        previous = state.context
+        if key_max is not None:
+            previous = previous * flush_exp_(state.key_max - key_max)
+        context, value_sum = context + previous, values + state.value_sum
+    eps = feature_map.eps
+    out = (query_features + eps) @ (context + eps * value_sum)
+    out = out[..., :-1] / out[..., -1:]
+    return out, DecodeState(context, value_sum, key_max)
 
 
-def _output_gradient(grad: Tensor, normalised: Tensor, denominator: Tensor) -> Tensor:
-    """Gradient w.r.t. the unnormalised output [numerator, normaliser]: (N, L, d+1)."""
-    grad_num = grad / denominator
-    grad_den = -(grad_num * normalised).sum(dim=-1, keepdim=True)
-    return torch.cat([grad_num, grad_den], dim=-1)
-
-
-#: On a CPU, glibc serves a block of 32 MB or more with a fresh mmap (page-faulted anew on every
-#: use) whatever the settings; rows go in blocks whose L x m tensors stay strictly under that, so
-#: that the allocator recycles them (see protperf.runtime). A row larger than the budget is a
-#: block of its own.
-BLOCK_BYTES = {"cpu": 31 << 20, "cuda": 1 << 30}
-#: Budget for the features of all rows of one call (two L x m tensors per row): within it they
-#: are kept for the backward; beyond it the backward recomputes them block by block.
-KEEP_FEATURES_BYTES = {"cpu": 512 << 20, "cuda": 2 << 30}
-
-
-def _row_blocks(
-    rows: int, length: int, num_features: int, device: torch.device
-) -> tuple[list[slice], bool]:
-    """Blocks of rows processed together, and whether their features are kept for the backward.
-
-    As few blocks as the budget allows, of balanced sizes: 8 rows of 4 MB under a 31 MB budget
-    make two blocks of 4 rows, not 7 + 1.
-    """
-    per_row = 4 * length * num_features  # one L x m float32 tensor
-    keep = 2 * rows * per_row <= KEEP_FEATURES_BYTES.get(device.type, KEEP_FEATURES_BYTES["cpu"])
-    return _balanced_slices(rows, per_row, device), keep
-
-
-def _balanced_slices(total: int, item_bytes: int, device: torch.device) -> list[slice]:
-    """``range(total)`` in as few slices as keep ``item_bytes`` each under BLOCK_BYTES, of
-    balanced sizes (one item per slice when a single item exceeds it)."""
-    most = max(1, BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"]) // item_bytes)
-    count = -(-total // most)
-    size = -(-total // count)
-    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
-
-
-def _segments(length: int, rows: int, num_features: int, device: torch.device) -> list[slice]:
-    """Position segments of a block of rows: one, unless one row's L x m features exceed the
-    block budget (L = 32,768 at m = 256), then as few balanced segments as keep them under it."""
-    return _balanced_slices(length, 4 * rows * num_features, device)
-
-
-class BidirectionalFavor(torch.autograd.Function):
-    """out = D^-1 Q''(K''^T V~): q, k, v (N, L, d) -> (N, L, d).
-
-    ``apply(q, k, v, w, valid, feature_map)``: w (d, m) or None, valid (N, L, 1) bool or None.
-    The key scales exp(g - M) multiply the values (N x L x (d+1)), not the features. Rows go in
-    blocks and, when a single row's features exceed the block budget, in position segments: the
-    context C is then summed over segments with M raised as it grows (C rescaled by
-    exp(M_old - M_new) <= 1), so that it ends at the row's M as in one piece.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, w, valid, feature_map: FeatureMap):
-        eps = feature_map.eps
-        rows, length = q.shape[:2]
-        values = _values_with_ones(v)
-        num_features = w.shape[1] if w is not None else q.shape[-1]
-        context = values.new_zeros(rows, num_features, values.shape[-1])
-        out = torch.empty_like(values)
-        blocks, keep = _row_blocks(rows, length, num_features, q.device)
-        keep = keep and any(ctx.needs_input_grad[:3])  # inference keeps nothing
-        kept, log_scales, references = [], [], []
-        floor = torch.finfo(q.dtype).min
-        for block in blocks:
-            segments = _segments(length, block.stop - block.start, num_features, q.device)
-            block_context = context[block]
-            reference, block_log_scales = None, []
-            for segment in segments:
-                seg_valid = None if valid is None else valid[block, segment]
-                ek, log_scale = feature_map.keys(k[block, segment], w, seg_valid)
-                seg_values = values[block, segment]
-                if log_scale is not None:  # raise M to this segment's max, rescale C to it
-                    top = log_scale.amax(dim=-2, keepdim=True).clamp_min(floor)
-                    if reference is not None:
-                        top = torch.maximum(reference, top)
-                        block_context.mul_(flush_exp_(reference - top))
-                    reference = top
-                    seg_values = seg_values * flush_exp_(log_scale - reference)
-                # C += Ê_k^T (scale V~)                                            (R, m, d+1)
-                block_context.baddbmm_(ek.transpose(-2, -1), seg_values)
-                block_log_scales.append(log_scale)
-                if keep:
-                    kept.append(ek)
-            # C = K''^T V~ = Ê_k^T (scale V~) + eps * sum_l valid_l V~_l
-            valid_values = values[block] if valid is None else values[block] * valid[block]
-            block_context.add_(valid_values.sum(dim=-2, keepdim=True), alpha=eps)
-            context_total = block_context.sum(dim=-2, keepdim=True)
-            for segment in segments:
-                # out = Q'' C = E_q C + eps * sum_j C_j
-                eq = feature_map.queries(q[block, segment], w)
-                torch.matmul(eq, block_context, out=out[block, segment])
-                out[block, segment].add_(context_total, alpha=eps)
-                if keep:
-                    kept.append(eq)
-            log_scales.append(block_log_scales)
-            references.append(reference)
-        normalised, denominator = _normalise(out)
-        ctx.save_for_backward(q, k, w, values, context, normalised, denominator, valid)
-        ctx.feature_map, ctx.kept = feature_map, (kept if keep else None)
-        ctx.log_scales, ctx.references = log_scales, references  # small: (R, L, 1), (R, 1, 1)
-        return normalised
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, w, values, context, normalised, denominator, valid = ctx.saved_tensors
-        feature_map = ctx.feature_map
-        eps = feature_map.eps
-        rows, length = q.shape[:2]
-        num_features = context.shape[1]
-        grad_out = _output_gradient(grad, normalised, denominator)  # (N, L, d+1)
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(grad)
-        blocks, _ = _row_blocks(rows, length, num_features, q.device)
-        kept = iter(ctx.kept) if ctx.kept is not None else None
-        for index, block in enumerate(blocks):
-            segments = _segments(length, block.stop - block.start, num_features, q.device)
-            features = [next(kept) for _ in range(2 * len(segments))] if kept else None
-            reference, block_context = ctx.references[index], context[block]
-            # dC = Q''^T dOut, summed over the segments (one row's queries at most: held for
-            # the loop below rather than computed twice)
-            queries = (
-                features[len(segments) :]
-                if features
-                else [feature_map.queries(q[block, segment], w) for segment in segments]
-            )
-            grad_context = torch.zeros_like(block_context)
-            for eq, segment in zip(queries, segments, strict=True):
-                grad_context.baddbmm_(eq.transpose(-2, -1), grad_out[block, segment])
-            grad_context.add_(grad_out[block].sum(dim=-2, keepdim=True), alpha=eps)
-            eps_term = grad_context.sum(dim=-2, keepdim=True) * eps
-            for position, segment in enumerate(segments):
-                seg_valid = None if valid is None else valid[block, segment]
-                log_scale = ctx.log_scales[index][position]
-                eq = queries[position]
-                if features:
-                    ek = features[position]
-                else:
-                    ek, _ = feature_map.keys(k[block, segment], w, seg_valid)
-                seg_grad, seg_values = grad_out[block, segment], values[block, segment]
-                grad_eq = torch.matmul(seg_grad, block_context.transpose(-2, -1))
-                grad_q[block, segment] = feature_map.query_grad(grad_eq, eq, q[block, segment], w)
-                # Keys: dÊ_k = (scale V~) dC^T;  H = Ê_k dC gives dV~ and d(scale).
-                scale = None if log_scale is None else flush_exp_(log_scale - reference)
-                scaled_values = seg_values if scale is None else seg_values * scale
-                grad_ek = torch.matmul(scaled_values, grad_context.transpose(-2, -1))
-                through_keys = torch.matmul(ek, grad_context)  # (R, S, d+1)
-                grad_log_scale = None
-                if scale is not None:
-                    grad_log_scale = (through_keys * seg_values).sum(dim=-1, keepdim=True)
-                    grad_log_scale.mul_(scale)
-                    through_keys.mul_(scale)
-                grad_k[block, segment] = feature_map.key_grad(
-                    grad_ek, ek, k[block, segment], w, grad_log_scale
-                )
-                through_keys.add_(eps_term if seg_valid is None else eps_term * seg_valid)
-                grad_v[block, segment] = through_keys[..., :-1]
-        return grad_q, grad_k, grad_v, None, None, None
+# ---------------------------------------------------------------------------------------------
+# The chunked kernel: whole sequences
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
