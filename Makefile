@@ -12,7 +12,7 @@ VENV ?= .venv
 # torch goes in first, as the CPU wheel (pip's find-links has it on local disk): protperf's torch
 # range is then already met and pip never fetches a CUDA build. Never a bare `torch` requirement.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,bench
+EXTRAS ?= dev,bench,hf
 
 BIN := $(VENV)/bin
 # Written after a complete install; pyproject.toml changing (new dependencies) redoes it. The

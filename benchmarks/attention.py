@@ -10,11 +10,17 @@ memory); memory is the process's peak resident set size (and, on CUDA, the peak 
     python benchmarks/attention.py --lengths 1024 8192   # a quick look
     python benchmarks/attention.py --device cuda --dtype bf16
 
-Contenders: ``protperf`` (protperf.attention.FastAttention, softmax kernel), ``exact``
-(torch.nn.functional.scaled_dot_product_attention), ``performer-pytorch`` (FastAttention of the
-performer-pytorch package, its non-CUDA causal path on a CPU). The process-level settings of
-protperf.runtime (allocator, flush-to-zero) are applied to every contender alike
-(``--no-tune-allocator`` to compare without them).
+Contenders: ``protperf`` (protperf.attention.FastAttention, softmax kernel, its PyTorch
+kernels), ``protperf-triton`` (the same module on its Triton kernels: CUDA, or Triton's CPU
+interpreter), ``exact`` (torch.nn.functional.scaled_dot_product_attention),
+``performer-pytorch`` (FastAttention of the performer-pytorch package, its non-CUDA causal path
+on a CPU). The process-level settings of protperf.runtime (allocator, flush-to-zero) are applied
+to every contender alike (``--no-tune-allocator`` to compare without them), and so is the
+float32 matmul precision (``--float32-matmul-precision``, "high" as ``protperf train``: TF32
+tensor-core products on CUDA, IEEE float32 on CPUs).
+
+    python benchmarks/attention.py --device cuda --dtype bf16 \
+        --implementations protperf protperf-triton exact --lengths 8192 32768 131072
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import sys
 import time
 
 IMPLEMENTATIONS = ("protperf", "exact", "performer-pytorch")
+#: Every contender; the default run is IMPLEMENTATIONS (the CPU table).
+ALL_IMPLEMENTATIONS = ("protperf", "protperf-triton", "exact", "performer-pytorch")
+LABELS = {"exact": "exact (SDPA)", "protperf-triton": "protperf (Triton)"}
 DIRECTIONS = ("bidirectional", "causal")
 DEFAULT_LENGTHS = (1024, 4096, 8192, 16384, 32768)
 
@@ -42,12 +51,14 @@ def build_attention(implementation: str, causal: bool, head_dim: int, num_featur
     """A callable (q, k, v) -> out for one contender."""
     import torch.nn.functional as F
 
-    if implementation == "protperf":
+    if implementation in ("protperf", "protperf-triton"):
         from protperf.attention import FastAttention
 
+        backend = "triton" if implementation == "protperf-triton" else "torch"
         return FastAttention(
-            head_dim=head_dim, num_features=num_features, kernel="softmax", causal=causal
-        )
+            head_dim=head_dim, num_features=num_features, kernel="softmax", causal=causal,
+            backend=backend,
+        )  # fmt: skip
     if implementation == "exact":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if implementation == "performer-pytorch":
@@ -72,6 +83,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
     torch.manual_seed(0)
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     causal = args.direction == "causal"
@@ -131,6 +143,7 @@ def measure(config: dict, args: argparse.Namespace) -> dict:
         "--warmup", str(args.warmup),
         "--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
         "--num-features", str(args.num_features),
+        "--float32-matmul-precision", args.float32_matmul_precision,
     ]  # fmt: skip
     if not args.tune_allocator:
         command.append("--no-tune-allocator")
@@ -166,7 +179,9 @@ def skip_reason(config: dict, results: dict, args: argparse.Namespace) -> str | 
 
 
 def format_table(results: dict, lengths, args: argparse.Namespace) -> str:
-    """Markdown tables: times with ratios, then peak memory."""
+    """Markdown tables: times with ratios, then peak memory (the contenders that ran)."""
+    implementations = [i for i in ALL_IMPLEMENTATIONS if i in args.implementations]
+    triton = "protperf-triton" in implementations
 
     def cell(implementation, direction, length, key="time_s"):
         result = results.get((implementation, direction, length), {})
@@ -176,31 +191,39 @@ def format_table(results: dict, lengths, args: argparse.Namespace) -> str:
             return "—"
         return f"{result[key]:.3f}" if key == "time_s" else f"{result[key] / 1024:.2f}"
 
-    def ratio(implementation, direction, length):
-        mine = results.get(("protperf", direction, length), {}).get("time_s")
+    def ratio(implementation, direction, length, mine="protperf"):
+        mine = results.get((mine, direction, length), {}).get("time_s")
         other = results.get((implementation, direction, length), {}).get("time_s")
         return f"{other / mine:.1f}×" if mine and other else "—"
 
+    ratios = [("vs exact", "exact", "protperf")]
+    if "performer-pytorch" in implementations or not triton:
+        ratios.append(("vs performer-pytorch", "performer-pytorch", "protperf"))
+    if triton:
+        ratios += [("Triton vs exact", "exact", "protperf-triton"),
+                   ("Triton vs protperf", "protperf", "protperf-triton")]  # fmt: skip
     lines = []
     for direction in DIRECTIONS:
+        if direction not in args.directions:
+            continue
+        names = [LABELS.get(i, i) for i in implementations] + [name for name, _, _ in ratios]
         lines += [
             f"\n**{direction}** — forward+backward seconds (median), speed-up of protperf",
             "",
-            "| L | protperf | exact (SDPA) | performer-pytorch | vs exact | vs performer-pytorch |",
-            "|---|---|---|---|---|---|",
+            "| L | " + " | ".join(names) + " |",
+            "|---" * (1 + len(names)) + "|",
         ]
         for length in lengths:
-            lines.append(
-                f"| {length:,} | {cell('protperf', direction, length)} | {cell('exact', direction, length)} "
-                f"| {cell('performer-pytorch', direction, length)} | {ratio('exact', direction, length)} "
-                f"| {ratio('performer-pytorch', direction, length)} |"
-            )
-        t8 = results.get(("protperf", direction, 8192), {}).get("time_s")
-        t32 = results.get(("protperf", direction, 32768), {}).get("time_s")
-        if t8 and t32:
-            lines.append(
-                f"\nprotperf {direction}: time ×{t32 / t8:.2f} from L = 8,192 to 32,768 (linear: ×4)."
-            )
+            cells = [cell(i, direction, length) for i in implementations]
+            cells += [ratio(other, direction, length, mine) for _, other, mine in ratios]
+            lines.append(f"| {length:,} | " + " | ".join(cells) + " |")
+        for mine in ("protperf", "protperf-triton"):
+            t8 = results.get((mine, direction, 8192), {}).get("time_s")
+            t32 = results.get((mine, direction, 32768), {}).get("time_s")
+            if t8 and t32:
+                lines.append(
+                    f"\n{mine} {direction}: time ×{t32 / t8:.2f} from L = 8,192 to 32,768 (linear: ×4)."
+                )
     memory_key = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     label = (
         "peak CUDA memory allocated"
@@ -208,12 +231,11 @@ def format_table(results: dict, lengths, args: argparse.Namespace) -> str:
         else "peak process RSS (incl. ~0.2 GB of PyTorch itself)"
     )
     lines += [f"\n**memory** — {label}, GB", ""]
-    header = (
-        "| L | " + " | ".join(f"{i} {d[:4]}." for d in DIRECTIONS for i in IMPLEMENTATIONS) + " |"
-    )
-    lines += [header, "|---" * (1 + len(DIRECTIONS) * len(IMPLEMENTATIONS)) + "|"]
+    columns = [(i, d) for d in DIRECTIONS if d in args.directions for i in implementations]
+    header = "| L | " + " | ".join(f"{i} {d[:4]}." for i, d in columns) + " |"
+    lines += [header, "|---" * (1 + len(columns)) + "|"]
     for length in lengths:
-        cells = [cell(i, d, length, memory_key) for d in DIRECTIONS for i in IMPLEMENTATIONS]
+        cells = [cell(i, d, length, memory_key) for i, d in columns]
         lines.append(f"| {length:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -235,7 +257,11 @@ def machine_description(args: argparse.Namespace) -> str:
         except (OSError, StopIteration):
             pass
         name = f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    return f"{name}; torch {torch.__version__}; {args.dtype}; batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, m = {args.num_features}"
+    return (
+        f"{name}; torch {torch.__version__}; {args.dtype}; float32 matmul "
+        f"{args.float32_matmul_precision}; batch {args.batch}, {args.heads} heads, head dim "
+        f"{args.head_dim}, m = {args.num_features}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
     parser.add_argument(
-        "--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS
+        "--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=ALL_IMPLEMENTATIONS
     )
     parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=DIRECTIONS)
     parser.add_argument("--device", default="cpu")
@@ -267,6 +293,12 @@ def main(argv: list[str] | None = None) -> None:
         "--memory-limit-gb", type=float, default=20.0, help="skip what would need more"
     )
     parser.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false")
+    parser.add_argument(
+        "--float32-matmul-precision",
+        default="high",
+        choices=("highest", "high", "medium"),
+        help="as protperf train's (high: TF32 on CUDA, IEEE float32 on CPUs)",
+    )
     parser.add_argument("--json", help="also write the raw results here")
     # Worker mode (one configuration, internal).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@ the same through torch.compile to see how many launches fusion removes.
 
     python benchmarks/profile_favor.py --device cuda              # bf16 autocast, 1k/8k/32k
     python benchmarks/profile_favor.py --device cpu --lengths 256 512 --no-autocast
+    python benchmarks/profile_favor.py --device cuda --backend triton   # the Triton kernels
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from protperf.attention import FastAttention
 
 def profile_one(device: torch.device, causal: bool, length: int, args) -> dict:
     """Time and profile one configuration; prints its line, returns the numbers."""
-    attention = FastAttention(head_dim=64, num_features=256, causal=causal).to(device)
+    attention = FastAttention(
+        head_dim=64, num_features=256, causal=causal, backend=args.backend
+    ).to(device)
     call = torch.compile(attention) if args.compile else attention
     q, k, v = (torch.randn(1, 8, length, 64, device=device, requires_grad=True) for _ in range(3))
 
@@ -84,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="bf16 autocast around the call (FAVOR+ computes in float32 inside)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the attention")
     parser.add_argument("--top", type=int, default=12, help="kernels listed at the middle length")
+    parser.add_argument("--backend", default="torch", choices=["auto", "torch", "triton"],
+                        help="FAVOR+'s kernels (torch: the PyTorch kernels)")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {where}, torch {torch.__version__}, {'compiled' if args.compile else 'eager'}, "
+    print(f"# {where}, torch {torch.__version__}, {args.backend} kernels, "
+          f"{'compiled' if args.compile else 'eager'}, "
           f"{'bf16 autocast' if args.autocast else 'float32'}; batch 1, 8 heads, head dim 64, m 256")  # fmt: skip
     for causal in (False, True):
         for length in args.lengths:

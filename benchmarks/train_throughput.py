@@ -18,6 +18,13 @@ what the model consumes.
     python benchmarks/train_throughput.py --lengths 8192 --steps 2
     python benchmarks/train_throughput.py --precision bf16-mixed --float32_matmul_precision medium
     python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --layers 6
+    python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --layers 6 \
+        --backend triton --configs "FAVOR+ causal" --lengths 131072 --longest --no_loader
+
+``--backend`` picks FAVOR+'s kernels (PerformerConfig.attention_backend; auto: Triton on CUDA).
+``--longest`` then doubles L from the largest of ``--lengths``, one fresh process per length,
+until a step fails (out of memory) or ``--longest_budget_s`` is spent, and reports the longest L
+that trained, with its tokens/s and peak memory.
 
 Targets (CPU): at L = 8,192 the Performer step at most 1.5x (bidirectional) / 1.7x
 (causal) OPT's; at L = 32,768 at least 5x the tokens/s of exact attention and within 8 GB peak;
@@ -92,6 +99,7 @@ def worker(args: argparse.Namespace) -> dict:
         causal=causal,
         dropout=0.1,
         gradient_checkpointing=args.gradient_checkpointing,
+        attention_backend=args.backend,
     )
     device = torch.device(args.device)
     model = PerformerLM(config).to(device)
@@ -224,7 +232,7 @@ def _run_one(args: argparse.Namespace, config: str, length: int) -> dict:
         "--ff_dim", str(args.ff_dim), "--num_features", str(args.num_features), "--batch", str(args.batch),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--budget_s", str(args.budget_s),
         "--device", args.device, "--precision", args.precision,
-        "--float32_matmul_precision", args.float32_matmul_precision,
+        "--float32_matmul_precision", args.float32_matmul_precision, "--backend", args.backend,
     ]  # fmt: skip
     if args.gradient_checkpointing:
         command.append("--gradient_checkpointing")
@@ -242,6 +250,33 @@ def _run_one(args: argparse.Namespace, config: str, length: int) -> dict:
         )
         return {"config": config, "length": length, "error": str(reason)}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def longest(args: argparse.Namespace, results: dict) -> None:
+    """Double L from the largest of --lengths for each configuration until a step fails or the
+    budget is spent; print the longest that trained."""
+    deadline = time.perf_counter() + args.longest_budget_s
+    start = max(args.lengths)
+    for config in args.configs:
+        best = results.get((config, start))
+        best = best if best and "error" not in best else None
+        length = start * 2
+        while time.perf_counter() < deadline:
+            result = _run_one(args, config, length)
+            print(f"#   longest {config:<22} L={length:<8} {json.dumps(result)}", flush=True)
+            if "error" in result:
+                break
+            best, length = result, length * 2
+        if best is None:
+            print(f"longest {config}: none trained from L = {start:,}", flush=True)
+            continue
+        memory = best.get("peak_gpu_gb", best["peak_rss_gb"])
+        print(
+            f"longest {config}: L = {best['length']:,} trains, {best['tokens_per_s']:.0f} "
+            f"tokens/s, {best['step_s']:.2f} s per step, peak memory {memory:.1f} GB; "
+            f"L = {length:,} did not ({'budget spent' if time.perf_counter() >= deadline else 'failed'})",
+            flush=True,
+        )
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -278,6 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="FAVOR+'s kernels (auto: Triton on CUDA when installed, else PyTorch)",
+    )
+    parser.add_argument(
+        "--longest", action="store_true", help="then double L until a step fails (see above)"
+    )
+    parser.add_argument("--longest_budget_s", type=float, default=300, help="for --longest")
+    parser.add_argument(
+        "--no_loader", action="store_true", help="skip the data loader's measurement"
+    )
+    parser.add_argument(
         "--compile", action="store_true", help="torch.compile the model (warm-up steps compile)"
     )
     parser.add_argument("--data", type=Path, default=None, help="prepared data with concat chunks")
@@ -294,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {args.device}, "
         f"{args.precision}, float32 matmul {args.float32_matmul_precision}; model: {args.layers} layers, d {args.dim}, {args.heads} heads, "
         f"d_ff {args.ff_dim}, m {args.num_features}, batch {args.batch}, "
+        f"FAVOR+ backend {args.backend}, "
+        f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}"
         f"{'torch.compile' if args.compile else 'eager'}",
         flush=True,
     )
@@ -304,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             results[config, length] = result
             print(f"#   {config:<22} L={length:<6} {json.dumps(result)}", flush=True)
 
-    header = f"{'L':>6}  {'attention':<22} {'step s':>8} {'tokens/s':>9} {'peak RSS GB':>11}  {'time vs OPT':>11}  {'tok/s vs exact':>14}"
+    cuda = args.device.startswith("cuda")  # GPU steps take milliseconds: more digits, GPU memory
+    gpu_column = f" {'peak GPU GB':>11}" if cuda else ""
+    header = f"{'L':>6}  {'attention':<22} {'step s':>8} {'tokens/s':>9} {'peak RSS GB':>11}{gpu_column}  {'time vs OPT':>11}  {'tok/s vs exact':>14}"
     print("\n" + header + "\n" + "-" * len(header))
     for length in args.lengths:
         opt = results.get(("OPT (attention = V)", length), {})
@@ -321,11 +373,17 @@ def main(argv: list[str] | None = None) -> int:
                 if "FAVOR" in config
                 else ""
             )
+            step = f"{result['step_s']:>8.4f}" if cuda else f"{result['step_s']:>8.2f}"
+            gpu = f" {result.get('peak_gpu_gb', float('nan')):>11.2f}" if cuda else ""
             print(
-                f"{length:>6}  {config:<22} {result['step_s']:>8.2f} {result['tokens_per_s']:>9.0f} "
-                f"{result['peak_rss_gb']:>11.2f}  {vs_opt:>11}  {vs_exact:>14}"
+                f"{length:>6}  {config:<22} {step} {result['tokens_per_s']:>9.0f} "
+                f"{result['peak_rss_gb']:>11.2f}{gpu}  {vs_opt:>11}  {vs_exact:>14}"
             )
 
+    if args.longest:
+        longest(args, results)
+    if args.no_loader:
+        return 0
     length = 8192 if 8192 in args.lengths else args.lengths[0]
     loader = measure_loader_throughput(args.data, length, args.batch, args.loader_workers)
     consumed = max(

@@ -15,10 +15,17 @@ Kernels (one interface, :class:`FastAttention`; the names are :data:`Kernel`, ch
 
 The FAVOR+ ops themselves (fused kernels, decoding recurrence, feature maps, projections) are in
 :mod:`protperf.favor`; this module flattens batch and heads into rows, casts, pads and dispatches.
+
+Backends of FAVOR+ (:data:`Backend`): ``"torch"``, the PyTorch kernels of :mod:`protperf.favor`
+(the CPU path and the reference); ``"triton"``, the fused GPU kernels of
+:mod:`protperf.favor.triton`; ``"auto"``, Triton on CUDA tensors when it is installed, PyTorch
+elsewhere. Decoding (:meth:`FastAttention.step`) is the PyTorch recurrence on every backend: one
+token costs O(m d), nothing to fuse.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Literal, get_args
 
 import torch
@@ -36,19 +43,24 @@ from protperf.favor import (
 )
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_CHUNK_SIZE",
     "KERNELS",
     "KERNEL_NAMES",
+    "Backend",
     "DecodeState",
     "FastAttention",
     "FeatureType",
     "Kernel",
+    "check_backend",
     "check_kernel",
 ]
 
 Kernel = Literal["softmax", "relu", "exact"]
 KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 FeatureType = Literal["orthogonal", "iid", "deterministic"]
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 #: Rows of the paper's Table 2.
 KERNEL_NAMES: dict[Kernel, str] = {
@@ -67,12 +79,41 @@ def check_kernel(kernel: str) -> Kernel:
     return kernel
 
 
+def check_backend(backend: str) -> Backend:
+    """``backend`` itself if it names one of :data:`BACKENDS`; ValueError otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return backend
+
+
 def _contiguous_as(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x`` in ``dtype``, contiguous, in one copy at most (``to`` keeps a cast's strides, and
     ignores ``memory_format`` when there is nothing to cast)."""
     if x.dtype == dtype:
         return x.contiguous()
     return x.to(dtype, memory_format=torch.contiguous_format)
+
+
+def _run_triton(q, k, v, w, key_padding_mask, causal, softmax, eps):
+    from protperf.favor import triton as favor_triton
+
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        run = favor_triton.causal_favor if causal else favor_triton.bidirectional_favor
+        return run(q, k, v, w, key_padding_mask, softmax=softmax, eps=eps)
+
+
+_UNCOMPILED: dict = {}
+
+
+def _uncompiled(function):
+    """``function`` kept out of torch.compile's graphs (the Triton kernels are launched eagerly,
+    with their own tuning) once TorchDynamo is loaded; before that, as it is, so that importing
+    protperf never loads TorchDynamo (over a second)."""
+    if "torch._dynamo" not in sys.modules:
+        return function
+    if function not in _UNCOMPILED:
+        _UNCOMPILED[function] = torch.compiler.disable(function)
+    return _UNCOMPILED[function]
 
 
 class FastAttention(nn.Module):
@@ -89,6 +130,9 @@ class FastAttention(nn.Module):
         seed: seed of the initial features; :meth:`redraw` draws new ones.
         stabilizer: added to every feature (default 1e-6 for softmax, 1e-3 for relu, as the
             official code); 0 makes the output exactly invariant to the max-subtraction.
+        backend: FAVOR+'s kernels: ``"auto"`` (Triton on CUDA tensors when Triton is
+            installed, else PyTorch), ``"torch"`` or ``"triton"`` (CUDA tensors, or CPU ones under
+            TRITON_INTERPRET=1). The Triton kernels choose their own chunk of positions.
     """
 
     def __init__(
@@ -102,9 +146,11 @@ class FastAttention(nn.Module):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         seed: int = 0,
         stabilizer: float | None = None,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_kernel(kernel)
+        check_backend(backend)
         if feature_type is None:
             feature_type = "deterministic" if kernel == "relu" else "orthogonal"
         if feature_type not in ("orthogonal", "iid", "deterministic"):
@@ -117,6 +163,7 @@ class FastAttention(nn.Module):
         self.causal = causal
         self.feature_type = feature_type
         self.chunk_size = chunk_size
+        self.backend = backend
         self.feature_map = FEATURE_MAPS[kernel](stabilizer) if kernel in FEATURE_MAPS else None
         has_projection = kernel != "exact" and feature_type != "deterministic"
         shape = (num_features, head_dim) if has_projection else (0, head_dim)
@@ -127,7 +174,7 @@ class FastAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"head_dim={self.head_dim}, num_features={self.num_features}, kernel={self.kernel!r}, "
-            f"causal={self.causal}, feature_type={self.feature_type!r}"
+            f"causal={self.causal}, feature_type={self.feature_type!r}, backend={self.backend!r}"
         )
 
     @torch.no_grad()
@@ -161,11 +208,50 @@ class FastAttention(nn.Module):
         """
         if self.kernel == "exact":
             out = self._exact(q, k, v, key_padding_mask)
+        elif self.uses_triton(q):
+            return self._favor_triton(q, k, v, key_padding_mask)  # zero at padding already
         else:
             out = self._favor(q, k, v, key_padding_mask)
         if key_padding_mask is not None:
             out = out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         return out
+
+    def uses_triton(self, x: Tensor) -> bool:
+        """Whether FAVOR+ on tensors like ``x`` runs the Triton kernels (see ``backend``).
+
+        ``"triton"`` raises where they cannot run: without Triton, on CPU tensors outside the
+        interpreter, or in float64 (the kernels compute in float32; ``"torch"`` does float64).
+        """
+        if self.kernel == "exact" or self.backend == "torch":
+            return False
+        from protperf.favor import triton as favor_triton
+
+        if self.backend == "auto":
+            return (
+                x.is_cuda
+                and x.dtype != torch.float64
+                and self.head_dim <= 256
+                and favor_triton.available()
+            )
+        if not favor_triton.available():
+            raise RuntimeError("backend='triton' needs Triton: pip install triton")
+        if not x.is_cuda and not favor_triton.interpreting():
+            raise ValueError(
+                "backend='triton' runs on CUDA tensors (on CPU ones only under TRITON_INTERPRET=1)"
+            )
+        if x.dtype == torch.float64:
+            raise ValueError("backend='triton' computes in float32; use 'torch' for float64")
+        return True
+
+    def _favor_triton(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+    ) -> Tensor:
+        # The kernels read q, k, v in their dtype and strides and compute in float32 whatever
+        # autocast says; the output comes back in v's dtype, laid out as (B, L, H, d).
+        return _uncompiled(_run_triton)(
+            q, k, v, self.feature_weights(), key_padding_mask, self.causal,
+            self.kernel == "softmax", self.feature_map.eps,
+        )  # fmt: skip
 
     def _favor(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         batch, heads, length, dim = q.shape

@@ -27,9 +27,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "embed": ("protperf.embed", "embed the proteins of a FASTA file (mean and per-residue, HDF5)"),
     "evaluate": ("protperf.evaluate", "accuracy and perplexity per split vs the unigram baseline"),
     "generate": ("protperf.generate", "sample proteins from a unidirectional model (FASTA)"),
+    "score": ("protperf.score", "log-likelihoods of proteins and the effects of mutations (CSV)"),
+    "models": ("protperf.models", "list the packaged models and the exports of local runs"),
+    "export": ("protperf.export", "write a model as a protperf or Hugging Face folder"),
 }
 #: Verbs that run models: subnormal floats flush to zero in them (protperf/runtime.py).
-MODEL_VERBS = frozenset({"train", "embed", "evaluate", "generate"})
+MODEL_VERBS = frozenset({"train", "embed", "evaluate", "generate", "score", "export"})
 
 
 def _usage() -> str:

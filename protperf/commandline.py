@@ -19,9 +19,10 @@ form is accepted too. Settings resolve in this order, later winning: the functio
 verb's preset (``train --concat``), the YAML files in order, the command line.
 
 A mistyped option or a missing argument is one line on stderr with a pointer to ``--help``
-(exit status 2). An :class:`~protperf.errors.InputError` or a missing file raised while the verb
-runs is one line too (exit status 1), so that a traceback always means a bug in protperf. Only
-argparse and the standard library are imported here: a verb starts as fast as its own imports.
+(exit status 2). An :class:`~protperf.errors.InputError` or an ``OSError`` (a missing file,
+permissions, a full disk) raised while the verb runs is one line too (exit status 1), so that a
+traceback always means a bug in protperf. Only argparse and the standard library are imported
+here: a verb starts as fast as its own imports.
 """
 
 from __future__ import annotations
@@ -634,13 +635,14 @@ class Verb:
 
 
 def call_verb(prog: str, function: Callable[..., Any], arguments: Mapping[str, Any]) -> int:
-    """Call a verb's function: 0, or 1 with one line on stderr for bad input, or 130 on Ctrl-C."""
+    """Call a verb's function: 0, or 1 with one line on stderr for bad input or an ``OSError``
+    (the file it names and the system's reason), or 130 on Ctrl-C."""
     try:
         function(**arguments)
     except ProtperfError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return INPUT_ERROR
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
+    except OSError as error:  # a missing file, permissions, a full or read-only disk
         where = f"{error.filename}: " if error.filename else ""
         print(f"{prog}: error: {where}{error.strerror or error}", file=sys.stderr)
         return INPUT_ERROR

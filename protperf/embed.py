@@ -2,7 +2,7 @@
 
     protperf embed sequences.fasta [--model MODEL] [-o embeddings.h5] [--per-residue]
         [--layers -1 ...] [--tokens-per-batch N] [--device cpu|cuda] [--precision 32|bf16-mixed]
-        [--skip-invalid]
+        [--skip-invalid] [--overwrite]
 
 Each protein is read as ``<bos> sequence <eos>``, whole: no cropping, whatever its length (FAVOR+
 costs linear time and memory in the length). Proteins are batched by a token budget, longest
@@ -42,15 +42,10 @@ from torch import Tensor
 
 from protperf import __version__, runtime
 from protperf.commandline import run_verb
+from protperf.durable import atomic_file, check_output_file
 from protperf.errors import InputError
 from protperf.fasta import FastaRecord, read_fasta
-from protperf.inference import (
-    Precision,
-    atomic_output,
-    autocast,
-    load_for_inference,
-    weights_fingerprint,
-)
+from protperf.inference import Precision, autocast, load_for_inference, weights_fingerprint
 from protperf.model import PerformerLM
 from protperf.runtime import MatmulPrecision
 from protperf.tokenizer import batch_encode, encode
@@ -155,11 +150,13 @@ def write_embeddings(
     per_residue: bool,
     attrs: dict[str, object],
     progress: object | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Write the HDF5 layout of the module docstring from :func:`embed_tokens`'s items.
 
     The file is written as ``.<name>.<pid>.tmp`` beside ``out`` and renamed onto ``out`` only
-    when complete; on any error or interrupt the temporary file is removed.
+    when complete; on any error or interrupt the temporary file is removed. Without
+    ``overwrite`` an ``out`` that appeared meanwhile is kept (an :class:`InputError`).
     """
     import h5py
 
@@ -167,7 +164,7 @@ def write_embeddings(
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     layer_axis = (num_layers,) if num_layers > 1 else ()
     means = np.zeros((len(records), *layer_axis, dim), dtype=np.float32)
-    with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_file(out, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         strings = h5py.string_dtype()
         f.create_dataset("ids", data=[r.id for r in records], dtype=strings)
         f.create_dataset("descriptions", data=[r.description for r in records], dtype=strings)
@@ -203,12 +200,14 @@ def embed(
     precision: Precision = "32",
     float32_matmul_precision: MatmulPrecision = "high",
     skip_invalid: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Embed the proteins of a FASTA file with a protperf model into an HDF5 file.
 
     Writes the datasets ids, descriptions and mean (N x D float32, mean over residues), plus
     residues and offsets with --per-residue (the layout: docs/data.md). Proteins are
-    never cropped. The output appears only when complete; an invalid input writes nothing.
+    never cropped. The output appears only when complete; an invalid input writes nothing, and
+    an existing file is replaced only with --overwrite.
 
     Args:
         fasta: FASTA file (plain or gzipped); lower case accepted, a final '*' removed.
@@ -224,12 +223,12 @@ def embed(
             float32 even under autocast), highest = IEEE float32, medium = bfloat16 on
             CPUs with AMX too. A CPU gives the same numbers with high and highest.
         skip_invalid: skip (and report) records with no sequence or non-amino-acid letters.
+        overwrite: replace an existing output file.
     """
     start = time.perf_counter()
     fasta = Path(fasta)
     out = Path(out) if out is not None else default_output(fasta)
-    if not out.parent.is_dir():
-        raise InputError(f"-o {out}: folder {out.parent} does not exist")
+    check_output_file(out, overwrite=overwrite)
     if tokens_per_batch <= 0:
         raise InputError(f"--tokens-per-batch must be positive, got {tokens_per_batch}")
     records, skipped = read_fasta(fasta, skip_invalid=skip_invalid)
@@ -291,6 +290,7 @@ def embed(
             per_residue=per_residue,
             attrs=attrs,
             progress=progress,
+            overwrite=overwrite,
         )
         seconds = time.perf_counter() - embed_start
     print(

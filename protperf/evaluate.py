@@ -20,10 +20,11 @@ residue) among them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ import torch
 
 from protperf import runtime
 from protperf.commandline import run_verb
+from protperf.data.errors import DataError
 from protperf.data.publish import DATA_DIR, find_dataset
 from protperf.errors import InputError
 from protperf.inference import LoadedModel, Precision, autocast, load_for_inference
@@ -177,17 +179,12 @@ def evaluate_model(
     Splits that are absent or empty raise :class:`InputError` when ``explicit_splits``, and
     are skipped with a note on stderr otherwise.
     """
-    from tqdm import tqdm
-
     from protperf.data.datamodule import LoaderConfig, ProteinDataModule
 
     data = Path(data)
     config = loaded.config
-    if not data.is_dir():
-        raise InputError(f"--data {data}: no such folder (run `protperf prepare-data`)")
+    check_data(data, splits)
     train_path = data / "train.h5"
-    if not train_path.is_file():
-        raise InputError(f"{train_path} not found: the unigram baseline counts the train split")
     if max_length is None:
         max_length = config.max_length
     if max_length < 2 or (config.positions == "learned" and max_length > config.max_length):
@@ -205,44 +202,97 @@ def evaluate_model(
         data, concat=concat, max_length=max_length, loader=loader_config, seed=seed
     )
     with_eos = config.causal
-    log_probs = unigram_log_probs(unigram_counts(train_path, with_eos=with_eos), with_eos=with_eos)
+    with _reading(train_path):
+        counts = unigram_counts(train_path, with_eos=with_eos)
+    log_probs = unigram_log_probs(counts, with_eos=with_eos)
     results = []
     for split in splits:
         path = data / f"{split}.h5"
-        what = "concat chunks" if concat else "sequences"
-        loader = None
-        if path.exists():
-            if concat:  # batches of whole chunks within the token budget
-                datamodule.loader.eval_batch_size = max(1, tokens_per_batch // _chunk_length(path))
-            try:
-                loader = datamodule.eval_dataloader(split)
-            except ValueError as error:  # no concat data, chunks beyond learned positions
-                raise InputError(f"{path}: {error}") from error
-        if loader is None:
-            message = f"{path}: {'no such file' if not path.exists() else f'no {what}'}"
-            if explicit_splits:
-                raise InputError(message)
-            print(f"protperf evaluate: skipping {split} ({message})", file=sys.stderr)
-            continue
-        with tqdm(
-            total=len(loader), desc=f"evaluate {split}", unit="batch", file=sys.stderr,
-            leave=False, disable=not show_progress,
-        ) as progress:  # fmt: skip
-            nll, correct, count, items, target_counts = evaluate_loader(
-                loaded,
-                loader,
-                masking=MaskingConfig(),
-                precision=precision,
-                progress=progress,
-            )
-        if count == 0:
-            raise InputError(f"{path}: no predicted tokens in {items} {what}")
-        baseline = Scores(*score_unigram(log_probs, target_counts))
-        model_scores = Scores(correct / count, math.exp(nll / count))
-        results.append(
-            SplitResult(split, items, count, model_scores, baseline, target_counts.tolist())
-        )
+        with _reading(path):
+            result = _evaluate_split(
+                loaded, datamodule, split, path, log_probs, concat=concat,
+                tokens_per_batch=tokens_per_batch, precision=precision,
+                explicit=explicit_splits, show_progress=show_progress,
+            )  # fmt: skip
+        if result is not None:
+            results.append(result)
     return results
+
+
+def check_data(data: Path, splits: Sequence[str]) -> None:
+    """Raise :class:`InputError` naming the file unless ``data`` holds a readable train.h5 (the
+    baseline counts it) and each of ``splits`` that exists opens as a split file."""
+    from protperf.data.h5 import check_split
+
+    if not data.is_dir():
+        raise InputError(f"--data {data}: no such folder (run `protperf prepare-data`)")
+    train_path = data / "train.h5"
+    if not train_path.is_file():
+        raise InputError(f"{train_path} not found: the unigram baseline counts the train split")
+    for path in [train_path, *(data / f"{split}.h5" for split in splits)]:
+        if path.exists():
+            check_split(path)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a read error of a split file (damage past what :func:`check_split` opens) into a
+    :class:`DataError` naming it."""
+    try:
+        yield
+    except OSError as error:  # h5py's read errors: a damaged chunk, a checksum, a filter
+        if isinstance(error, FileNotFoundError):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"{path}: cannot read it ({reason}); re-run `protperf prepare-data`"
+        ) from error
+
+
+def _evaluate_split(
+    loaded: LoadedModel,
+    datamodule: Any,
+    split: str,
+    path: Path,
+    log_probs: np.ndarray,
+    *,
+    concat: bool,
+    tokens_per_batch: int,
+    precision: Precision,
+    explicit: bool,
+    show_progress: bool,
+) -> SplitResult | None:
+    """One split's scores next to the baseline; None for a split skipped (absent or empty when
+    not asked for by name)."""
+    from tqdm import tqdm
+
+    what = "concat chunks" if concat else "sequences"
+    loader = None
+    if path.exists():
+        if concat:  # batches of whole chunks within the token budget
+            datamodule.loader.eval_batch_size = max(1, tokens_per_batch // _chunk_length(path))
+        try:
+            loader = datamodule.eval_dataloader(split)
+        except ValueError as error:  # no concat data, chunks beyond learned positions
+            raise InputError(f"{path}: {error}") from error
+    if loader is None:
+        message = f"{path}: {'no such file' if not path.exists() else f'no {what}'}"
+        if explicit:
+            raise InputError(message)
+        print(f"protperf evaluate: skipping {split} ({message})", file=sys.stderr)
+        return None
+    with tqdm(
+        total=len(loader), desc=f"evaluate {split}", unit="batch", file=sys.stderr,
+        leave=False, disable=not show_progress,
+    ) as progress:  # fmt: skip
+        nll, correct, count, items, target_counts = evaluate_loader(
+            loaded, loader, masking=MaskingConfig(), precision=precision, progress=progress
+        )
+    if count == 0:
+        raise InputError(f"{path}: no predicted tokens in {items} {what}")
+    baseline = Scores(*score_unigram(log_probs, target_counts))
+    model_scores = Scores(correct / count, math.exp(nll / count))
+    return SplitResult(split, items, count, model_scores, baseline, target_counts.tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +380,7 @@ def evaluate(
         print(f"using --data {data} (the prepared dataset under {DATA_DIR}/)", file=sys.stderr)
     explicit = split is not None
     splits = list(split) if split is not None else (["valid"] if concat else ["test", "ood"])
+    check_data(Path(data), splits)  # a damaged file fails before the model loads
     loaded = load_for_inference(model, device)
     with runtime.float32_matmul_precision(float32_matmul_precision):
         results = evaluate_model(

@@ -11,20 +11,31 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from protperf import __version__
-from protperf.durable import replace_folder
+from protperf.commandline import run_verb
+from protperf.durable import check_output_folder, default_file_mode, replace_folder
+from protperf.errors import InputError
 from protperf.model import PerformerConfig, PerformerLM
 from protperf.tokenizer import save_tokenizer_json
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+#: What torch.load raises for a file that is not a checkpoint, or one cut short (random bytes
+#: are an UnpicklingError, a text file a KeyError, a truncated archive an OSError or EOFError).
+#: The prefixes of the metrics an export records: the splits a finished run is tested on.
+TESTED_SPLITS = ("test/", "ood/")
+LOAD_ERRORS = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, KeyError, ValueError)
 
 
 def export_model(
@@ -35,13 +46,8 @@ def export_model(
     ``mode`` is "unidirectional" or "bidirectional"; ``metadata`` (JSON-able) goes in config.json.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside ``out`` and renamed into place: ``out`` never holds a half-written export,
-    # and a previous export stays whole until the new one is complete.
-    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(out)
     try:
-        staging.mkdir()
         # save_model drops the tied head's duplicate of the embedding (safetensors forbids aliases).
         save_safetensors(model, str(staging / WEIGHTS), metadata={"format": "pt", "mode": mode})
         config = {
@@ -52,11 +58,30 @@ def export_model(
         }
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_tokenizer_json(staging / TOKENIZER)
-        replace_folder(staging, out)
+        publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def staging_folder(out: Path) -> Path:
+    """An empty ``.<out>.<pid>.partial`` beside ``out``: where an export is written before
+    :func:`publish` renames it into place (so ``out`` never holds a half-written export)."""
+    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, out: Path) -> Path:
+    """Give every file in ``staging`` the permissions of a new file here (safetensors creates
+    its files with mode 0600, and an export is shared like any other file), then rename it onto
+    ``out``, replacing an earlier ``out`` only once the new one is complete."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            os.chmod(path, default_file_mode())
+    return replace_folder(staging, out)
 
 
 def model_from_state_dict(
@@ -76,9 +101,10 @@ def read_model(path: str | Path, *, device: str | torch.device = "cpu") -> Perfo
     """Load a model for inference (eval mode) from an export folder, a run folder or a .ckpt.
 
     A run folder resolves to its ``export/`` when present, else ``checkpoints/last.ckpt``. The
-    config is ``model.config``. Raises ``FileNotFoundError`` when nothing loadable is found and
-    ``RuntimeError`` naming the missing or unexpected keys when the weights do not match the
-    config.
+    config is ``model.config``. Raises ``FileNotFoundError`` when nothing loadable is found,
+    :class:`InputError` naming the file when it cannot be read (damaged, truncated, not
+    safetensors or not a checkpoint) and ``RuntimeError`` naming the missing or unexpected keys
+    when the weights do not match the config.
     """
     path = Path(path)
     if path.is_dir():
@@ -93,8 +119,8 @@ def read_model(path: str | Path, *, device: str | torch.device = "cpu") -> Perfo
         else:
             raise FileNotFoundError(f"no {WEIGHTS}, export/ or checkpoints/last.ckpt in {path}")
     if path.suffix == ".ckpt":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        hyper = checkpoint.get("hyper_parameters", {})
+        checkpoint = load_checkpoint(path)
+        hyper = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
         if "model" not in hyper:
             raise ValueError(
                 f"{path}: no model config in hyper_parameters (not a protperf checkpoint?)"
@@ -105,7 +131,131 @@ def read_model(path: str | Path, *, device: str | torch.device = "cpu") -> Perfo
         config_path = path.with_name(CONFIG)
         if not config_path.exists():
             raise FileNotFoundError(f"{config_path} not found beside {path}")
-        config = PerformerConfig.from_dict(json.loads(config_path.read_text())["model"])
+        try:
+            config = PerformerConfig.from_dict(json.loads(config_path.read_text())["model"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise InputError(f"{config_path}: not a protperf config.json ({error})") from error
         model = PerformerLM(config)
-        load_safetensors(model, str(path), strict=True)
+        try:
+            load_safetensors(model, str(path), strict=True)
+        except SafetensorError as error:
+            raise InputError(f"{path}: not a readable safetensors file ({error})") from error
     return model.to(device).eval()
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+    A file that cannot be read so is an :class:`InputError` (see :func:`unreadable_checkpoint`)."""
+    try:
+        with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except LOAD_ERRORS as error:
+        raise unreadable_checkpoint(path, error) from None
+
+
+def unreadable_checkpoint(path: str | Path, error: Exception) -> Exception:
+    """What to raise when ``torch.load(path, weights_only=True)`` raised ``error``: the error
+    itself for a missing file or a permission, otherwise an :class:`InputError` naming the file.
+
+    torch's own message for a file holding other Python objects suggests loading it with
+    ``weights_only`` turned off, which runs whatever code the file contains: it is never shown.
+    """
+    if isinstance(error, FileNotFoundError | IsADirectoryError | PermissionError | InputError):
+        return error
+    if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+        return InputError(
+            f"{path}: the checkpoint holds Python objects other than tensors and plain values, "
+            "and protperf never unpickles code: not a protperf checkpoint"
+        )
+    return InputError(f"{path}: not a PyTorch checkpoint (damaged or truncated?)")
+
+
+def export_metadata(path: Path) -> dict[str, Any]:
+    """What an export's config.json records besides the model (step, data, test metrics), for a
+    copy of it; the test metrics of a run folder's logs when its export lacks them."""
+    folder = path if path.is_dir() else path.parent
+    recorded: dict[str, Any] = {}
+    for config in (folder / CONFIG, folder / "export" / CONFIG):
+        if config.is_file():
+            try:
+                recorded = json.loads(config.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                recorded = {}
+            break
+    skip = {"model", "mode", "protperf_version"}
+    metadata = {key: value for key, value in recorded.items() if key not in skip}
+    if not metadata.get("metrics"):
+        metadata["metrics"] = logged_test_metrics(folder)
+    return metadata
+
+
+def logged_test_metrics(folder: Path) -> dict[str, float]:
+    """The test and OOD metrics (``test/perplexity``, ``ood/accuracy`` ...) a run logged last,
+    for a run folder or its ``export/``; empty when there are none."""
+    from protperf.plot import read_metrics
+
+    run = folder.parent if folder.name == "export" else folder
+    try:
+        series = read_metrics(run)
+    except FileNotFoundError:
+        return {}
+    return {
+        name: values[max(values)]
+        for name, values in series.items()
+        if name.startswith(TESTED_SPLITS)
+    }
+
+
+def export(
+    model: str,
+    out: Path,
+    format: Literal["protperf", "hf"] = "protperf",
+    overwrite: bool = False,
+) -> Path:
+    """Write a model as a folder of its own: protperf's export, or a Hugging Face model.
+
+    --format protperf writes model.safetensors, config.json and tokenizer.json, which --model
+    and protperf.load_model read. --format hf writes a folder that transformers'
+    AutoModelForCausalLM / AutoModelForMaskedLM and AutoTokenizer load with from_pretrained
+    after `import protperf.hf` (needs pip install 'protperf[hf]'). OUT appears only when
+    complete.
+
+    Example: protperf export runs/demo runs/demo-hf --format hf
+
+    Args:
+        model: a packaged model's name, a run folder, an export folder or a .ckpt.
+        out: the folder to write.
+        format: protperf (the export that --model reads) or hf (Hugging Face transformers).
+        overwrite: replace OUT when it exists.
+    """
+    from protperf.pretrained import resolve_model
+
+    if out.exists() and not overwrite:
+        raise InputError(f"OUT {out}: the folder exists; pass --overwrite to replace it")
+    check_output_folder(out, option="OUT")
+    if format == "hf":
+        try:
+            from protperf import hf
+        except ImportError as error:
+            raise InputError(f"--format hf: {error}") from None
+    source = resolve_model(model)
+    loaded = read_model(source)
+    mode = "unidirectional" if loaded.config.causal else "bidirectional"
+    if format == "protperf":
+        export_model(loaded, out, mode=mode, metadata=export_metadata(source))
+    else:
+        staging = staging_folder(out)
+        try:
+            hf.save_hf(loaded, staging)
+            publish(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    print(f"wrote {out} ({format}, {mode}, from {source})")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """``protperf export``: returns the exit status."""
+    return run_verb(export, argv, prog="protperf export", positional=("model", "out"))

@@ -1,7 +1,7 @@
 """`protperf generate`: sample proteins from a unidirectional model, one token at a time.
 
     protperf generate [--model MODEL] [-n 10] [--prompt MKT...] [--temperature T] [--top-p P]
-        [--max-length N] [--seed S] [-o out.fasta]
+        [--max-length N] [--seed S] [-o out.fasta [--overwrite]]
 
 Decoding uses the causal recurrence (:meth:`protperf.model.PerformerLM.decode_step`): for FAVOR+
 each layer carries a running m x (d+1) state per head, so every new token costs the same whatever
@@ -19,6 +19,7 @@ on ``-n`` or ``--batch-size`` (up to floating-point rounding of batched arithmet
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -30,9 +31,10 @@ import torch
 from torch import Tensor
 
 from protperf.commandline import run_verb
+from protperf.durable import atomic_file, check_output_file
 from protperf.errors import InputError
 from protperf.fasta import ALPHABET, FastaRecord, write_fasta
-from protperf.inference import atomic_output, load_for_inference
+from protperf.inference import load_for_inference
 from protperf.model import PerformerLM
 from protperf.seeds import derive_seed
 from protperf.tokenizer import BOS, EOS, FIRST_RESIDUE_ID, VOCAB_SIZE, decode, encode
@@ -89,6 +91,15 @@ def sample_next(
     return order.gather(-1, picks)[:, 0]
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Raise :class:`InputError` unless ``temperature`` is finite and >= 0 and ``top_p`` in
+    (0, 1] (a NaN would turn every probability into NaN, and no token would ever be drawn)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"--temperature must be a finite number >= 0, not {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError(f"--top-p must be in (0, 1], not {top_p}")
+
+
 @torch.no_grad()
 def generate_tokens(
     model: PerformerLM,
@@ -108,6 +119,7 @@ def generate_tokens(
     Batches of ``batch_size`` sequences decode together; a sequence that ends leaves the batch
     (its rows of the decoding states are dropped). Returns them in index order.
     """
+    check_sampling(temperature, top_p)
     prompt = np.zeros(0, dtype=np.uint8) if prompt is None else np.asarray(prompt)
     if len(prompt) >= max_length:
         raise InputError(f"the prompt has {len(prompt)} residues, --max-length is {max_length}")
@@ -159,11 +171,11 @@ def generate_tokens(
     return results
 
 
-def _write(records: list[FastaRecord], out: Path | None) -> None:
+def _write(records: list[FastaRecord], out: Path | None, *, overwrite: bool) -> None:
     if out is None:
         write_fasta(records, sys.stdout)
         return
-    with atomic_output(out) as tmp, open(tmp, "w") as handle:
+    with atomic_file(out, overwrite=overwrite) as tmp, open(tmp, "w") as handle:
         write_fasta(records, handle)
 
 
@@ -178,6 +190,7 @@ def generate(
     out: Path | None = None,
     batch_size: int = 16,
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> list[Generated]:
     """Sample proteins from a unidirectional (causal) model and write them as FASTA.
 
@@ -197,17 +210,17 @@ def generate(
         out: FASTA file to write (default: standard output).
         batch_size: proteins decoded together.
         device: cpu, cuda or cuda:N.
+        overwrite: replace an existing -o file.
     """
     if num <= 0 or batch_size <= 0:
         raise InputError("-n and --batch-size must be positive")
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise InputError("--temperature must be >= 0 and --top-p in (0, 1]")
+    check_sampling(temperature, top_p)
     residues = "".join(prompt.split()).upper()
     bad = sorted(set(residues) - ALPHABET)
     if bad:
         raise InputError(f"--prompt: not amino-acid letters: {', '.join(map(repr, bad))}")
-    if out is not None and not Path(out).parent.is_dir():
-        raise InputError(f"-o {out}: folder {Path(out).parent} does not exist")
+    if out is not None:
+        check_output_file(out, overwrite=overwrite)
     loaded = load_for_inference(model, device, causal=True)
     config = loaded.config
     if not config.causal:
@@ -250,7 +263,7 @@ def generate(
         )
         for g in generated
     ]
-    _write(records, out)
+    _write(records, out, overwrite=overwrite)
     tokens = sum(len(g.tokens) - len(residues) + g.ended for g in generated)
     print(
         f"generated {num} proteins ({tokens:,} tokens) with {loaded.describe()} in {seconds:.1f} s "

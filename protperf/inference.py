@@ -1,11 +1,11 @@
 """What the inference verbs (embed, evaluate, generate) share: loading a model onto a device,
-mixed precision, a fingerprint of the weights, and writing an output file whole."""
+mixed precision and a fingerprint of the weights (their outputs are written whole by
+:func:`protperf.durable.atomic_file`)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +15,6 @@ from typing import Literal
 import torch
 
 from protperf.attention import KERNEL_NAMES
-from protperf.durable import sync_parent, sync_tree
 from protperf.errors import InputError
 from protperf.model import PerformerConfig, PerformerLM
 
@@ -69,16 +68,24 @@ def load_for_inference(
     ``causal``), named on stderr. Any loading failure is an :class:`InputError` naming the model.
     """
     from protperf.export import read_model
-    from protperf.pretrained import default_model, resolve_model
+    from protperf.pretrained import RUNS_DIR, default_model, packaged_models, resolve_model
 
     resolved = resolve_device(device)
     if name_or_path is None:
         path = default_model(causal=causal)
-        print(f"using --model {path} (the most recent export)", file=sys.stderr)
+        packaged = {folder: name for name, folder in packaged_models().items()}
+        if path in packaged:
+            print(f"using the packaged model {packaged[path]} (no --model given and no "
+                  f"export under {RUNS_DIR}/)", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"using --model {path} (the most recent export)", file=sys.stderr)
     else:
         path = resolve_model(name_or_path)
     try:
         model = read_model(path, device=resolved)
+    except InputError as error:  # names the file at fault: a damaged checkpoint or export
+        named = str(error).startswith(str(path))
+        raise InputError(f"--model {error}" if named else f"--model {path}: {error}") from error
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as error:
         raise InputError(f"--model {path}: cannot load a protperf model ({error})") from error
     return LoadedModel(model, model.config, path, resolved)
@@ -112,18 +119,3 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
             value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
         )
     return "sha256:" + digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; rename it onto ``out`` when the block completes,
-    delete it on any error or interrupt, so that ``out`` only ever holds a whole file."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        sync_tree(tmp)
-        os.replace(tmp, out)
-        sync_parent(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -19,17 +19,12 @@ from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import Metric
 
 from protperf.data.paper import SPLITS
 from protperf.model import PerformerConfig, PerformerLM
-from protperf.objectives import (
-    LMMetrics,
-    MaskingConfig,
-    mean_loss,
-    objective_batch,
-    token_statistics,
-)
+from protperf.objectives import MaskingConfig, mean_loss, objective_batch, token_statistics
 from protperf.seeds import derive_seed
 
 _REDRAW_SALT = 0x72656472  # "redr"
@@ -82,6 +77,64 @@ def lr_multiplier(
     assert decay_steps is not None
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: sums that data-parallel ranks reduce before the ratio is taken
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenMean(Metric):
+    """Mean of a per-token quantity over the counted tokens: sum(value * counted) / sum(counted).
+
+    The two sums are the metric's state, summed across ranks before the ratio is taken, so the
+    result equals the single-process value however the tokens are sharded.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor, counted: Tensor) -> None:
+        """values, counted: (N,) per-token values and 0/1 weights."""
+        self.total += (values.double() * counted).sum()
+        self.count += counted.double().sum()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float()
+
+
+class Perplexity(TokenMean):
+    """exp of the token-weighted mean cross-entropy."""
+
+    def compute(self) -> Tensor:
+        return torch.exp(super().compute())
+
+
+class LMMetrics(nn.Module):
+    """Token-weighted accuracy and perplexity of one split."""
+
+    def __init__(self, *, sync_on_step: bool = False) -> None:
+        super().__init__()
+        self.accuracy = TokenMean(dist_sync_on_step=sync_on_step)
+        self.perplexity = Perplexity(dist_sync_on_step=sync_on_step)
+
+    def forward(self, nll: Tensor, correct: Tensor, counted: Tensor) -> dict[str, Tensor]:
+        """Accumulate and return this batch's values (reduced across ranks when syncing on step).
+
+        nll, correct, counted: (N,) per-token cross-entropy, 0/1 correctness, 0/1 counted.
+        """
+        return {
+            "accuracy": self.accuracy(correct, counted),
+            "perplexity": self.perplexity(nll, counted),
+        }
+
+    def update(self, nll: Tensor, correct: Tensor, counted: Tensor) -> None:
+        self.accuracy.update(correct, counted)
+        self.perplexity.update(nll, counted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +402,11 @@ def _as(cls: type, value: Any) -> Any:
 __all__ = [
     "MODULES",
     "BidirectionalLM",
+    "LMMetrics",
     "OptimConfig",
+    "Perplexity",
     "ProteinLM",
+    "TokenMean",
     "TrainingClock",
     "UnidirectionalLM",
     "lr_multiplier",

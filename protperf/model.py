@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from protperf.attention import FastAttention, Kernel, check_kernel
+from protperf.attention import Backend, FastAttention, Kernel, check_backend, check_kernel
 from protperf.favor import DecodeState
 from protperf.objectives import IGNORE_INDEX
 from protperf.seeds import derive_seed
@@ -73,6 +73,9 @@ class PerformerConfig:
     """Seed of the initial random features (per-layer seeds derive from it)."""
     gradient_checkpointing: bool = False
     """Recompute each block in the backward pass: less activation memory, ~30% slower."""
+    attention_backend: Backend = "auto"
+    """FAVOR+'s kernels: auto (Triton on CUDA when installed, else PyTorch), torch or triton.
+    The same function either way: a run's exports load on any backend."""
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -80,6 +83,7 @@ class PerformerConfig:
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         check_kernel(self.kernel)
+        check_backend(self.attention_backend)
         if self.positions not in ("rotary", "learned"):
             raise ValueError(f"positions must be 'rotary' or 'learned', got {self.positions!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -199,6 +203,7 @@ class SelfAttention(nn.Module):
             feature_type=config.feature_type,
             chunk_size=config.chunk_size,
             seed=derive_seed(config.feature_seed, layer),
+            backend=config.attention_backend,
         )
         self.local = (
             LocalConv(config.dim, config.local_conv, config.causal) if config.local_conv else None

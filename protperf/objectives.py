@@ -9,8 +9,8 @@
 
 The metrics are the paper's: token-weighted accuracy and perplexity = exp(mean cross-entropy)
 over the predicted positions only (padding never counts; only the masked positions for the
-masked LM). Their sums are torchmetrics states, reduced across data-parallel ranks before the
-ratio is taken.
+masked LM); :func:`token_statistics` gives them per token, for training's torchmetrics
+accumulators (protperf.lit) and evaluation's sums alike.
 
 Shapes: B batch, L length, V vocabulary.
 """
@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torchmetrics import Metric
+from torch import Tensor
 
 from protperf.seeds import derive_seed
 from protperf.tokenizer import FIRST_RESIDUE_ID, MASK, VOCAB_SIZE
@@ -182,56 +181,3 @@ def token_statistics(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, T
 def mean_loss(nll: Tensor, counted: Tensor) -> Tensor:
     """The mean cross-entropy over the counted tokens (0 when none is counted)."""
     return nll.sum() / counted.sum().clamp(min=1.0)
-
-
-class TokenMean(Metric):
-    """Mean of a per-token quantity over the counted tokens: sum(value * counted) / sum(counted).
-
-    The two sums are the metric's state, summed across ranks before the ratio is taken, so the
-    result equals the single-process value however the tokens are sharded.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, values: Tensor, counted: Tensor) -> None:
-        """values, counted: (N,) per-token values and 0/1 weights."""
-        self.total += (values.double() * counted).sum()
-        self.count += counted.double().sum()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float()
-
-
-class Perplexity(TokenMean):
-    """exp of the token-weighted mean cross-entropy."""
-
-    def compute(self) -> Tensor:
-        return torch.exp(super().compute())
-
-
-class LMMetrics(nn.Module):
-    """Token-weighted accuracy and perplexity of one split."""
-
-    def __init__(self, *, sync_on_step: bool = False) -> None:
-        super().__init__()
-        self.accuracy = TokenMean(dist_sync_on_step=sync_on_step)
-        self.perplexity = Perplexity(dist_sync_on_step=sync_on_step)
-
-    def forward(self, nll: Tensor, correct: Tensor, counted: Tensor) -> dict[str, Tensor]:
-        """Accumulate and return this batch's values (reduced across ranks when syncing on step).
-
-        nll, correct, counted: (N,) per-token cross-entropy, 0/1 correctness, 0/1 counted.
-        """
-        return {
-            "accuracy": self.accuracy(correct, counted),
-            "perplexity": self.perplexity(nll, counted),
-        }
-
-    def update(self, nll: Tensor, correct: Tensor, counted: Tensor) -> None:
-        self.accuracy.update(correct, counted)
-        self.perplexity.update(nll, counted)

@@ -97,6 +97,7 @@ def prepare_data(
     Returns the manifest (also written to <out>/manifest.json); prints a summary unless quiet.
     """
     started = time.perf_counter()
+    _check_settings(valid_fraction, test_fraction, concat_length, max_sequences)
     families = _held_out_families(ood_families, ood_families_file)
     with _short_gil_switch_interval():
         sources: list[dict] = []
@@ -169,7 +170,11 @@ def prepare_data(
             finally:
                 if progress is not None:
                     progress.close()
-            if builder is None:  # --max-sequences 0
+                if tokenizer_json is not None:
+                    # Its file is in staging: finished before an error deletes staging, or it
+                    # could write into the folder while it is being removed and leave it behind.
+                    tokenizer_json.finished()
+            if builder is None:  # no input was opened
                 from protperf.data.build import DatasetBuilder
 
                 builder = DatasetBuilder(staging / "spill", concat_length=concat_length)
@@ -195,9 +200,46 @@ def prepare_data(
             (staging / "spill").rmdir()
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last
             stage.publish()
+    for warning in _empty_split_warnings(manifest):
+        print(f"protperf prepare-data: warning: {warning}", file=sys.stderr)
     if not quiet:
         print(_summary(manifest, out))
     return manifest
+
+
+def _check_settings(
+    valid_fraction: float, test_fraction: float, concat_length: int, max_sequences: int | None
+) -> None:
+    """Raise :class:`DataError` for settings that cannot work, before anything is downloaded."""
+    for option, value in (("--valid-fraction", valid_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 <= value <= 1.0:  # NaN too
+            raise DataError(f"{option} must be between 0 and 1, not {value}")
+    if valid_fraction + test_fraction > 1.0:
+        raise DataError(
+            f"--valid-fraction {valid_fraction} and --test-fraction {test_fraction} add up to "
+            "more than 1"
+        )
+    if concat_length < 1:
+        raise DataError(f"--concat-length must be at least 1, not {concat_length}")
+    if max_sequences is not None and max_sequences < 1:
+        raise DataError(f"--max-sequences must be at least 1, not {max_sequences}")
+
+
+def _empty_split_warnings(manifest: dict) -> list[str]:
+    """Why valid or test came out empty although its fraction is positive (too few sequences
+    for the fraction: each sequence lands in a split by its hash)."""
+    warnings = []
+    splits = manifest["splits"]
+    candidates = manifest["unique_sequences"] - splits["ood"]["sequences"]  # OOD is not split
+    for split in ("valid", "test"):
+        fraction = manifest[f"{split}_fraction"]
+        if fraction > 0 and splits[split]["sequences"] == 0:
+            warnings.append(
+                f"the {split} split is empty: {candidates:,} sequences to split and "
+                f"--{split}-fraction {fraction:g} expect {candidates * fraction:.2g} in it; "
+                f"give more sequences or a larger --{split}-fraction"
+            )
+    return warnings
 
 
 @contextlib.contextmanager
@@ -238,8 +280,12 @@ class _Background:
         self._thread = threading.Thread(target=run, name="protperf-background", daemon=True)
         self._thread.start()
 
-    def wait(self) -> None:
+    def finished(self) -> None:
+        """Wait for the thread to end; its exception, if any, is kept for :meth:`wait`."""
         self._thread.join()
+
+    def wait(self) -> None:
+        self.finished()
         if self._error is not None:
             raise self._error
 

@@ -1,7 +1,8 @@
 """Models by name or path: the models packaged with protperf, and the exports of local runs.
 
 ``load_model(name_or_path)`` takes the name of a packaged model (a folder of
-``protperf/models/``: ``model.safetensors``, ``config.json``, ``tokenizer.json``), or the path
+``protperf/weights/``: ``model.safetensors``, ``config.json``, ``tokenizer.json`` and a
+``MODEL_CARD.md``), or the path
 of an export folder, a ``protperf train`` run folder or a Lightning ``.ckpt``. The verbs that
 run a model (``embed``, ``evaluate``, ``generate``) use :func:`default_model` when no
 ``--model`` is given: the most recent export under ``./runs``, then a packaged model.
@@ -19,7 +20,9 @@ from protperf.export import CONFIG, WEIGHTS, read_model
 from protperf.model import PerformerLM
 
 #: Where packaged models live: one folder per model, named as the model.
-PACKAGED_DIR = Path(__file__).resolve().parent / "models"
+PACKAGED_DIR = Path(__file__).resolve().parent / "weights"
+#: The packaged model the verbs fall back to (its card: PACKAGED_DIR/<name>/MODEL_CARD.md).
+DEFAULT_PACKAGED = "performer-small-uni"
 #: Where ``protperf train`` puts its runs by default.
 RUNS_DIR = Path("runs")
 #: How deep under RUNS_DIR exports are looked for: runs/<run>/export, runs/<group>/<run>/export.
@@ -53,16 +56,19 @@ def local_exports(runs: Path = RUNS_DIR) -> list[Path]:
 
 def default_model(*, causal: bool | None = None, runs: Path = RUNS_DIR) -> Path:
     """The model a verb runs when no ``--model`` is given: the most recent export under
-    ``runs`` (a causal one when ``causal`` is True), else the first packaged model.
+    ``runs`` (a causal one when ``causal`` is True), else a packaged model (DEFAULT_PACKAGED
+    where it fits).
 
     Raises InputError saying how to get a model when there is none.
     """
     for export in local_exports(runs):
         if causal is None or _is_causal(export) == causal:
             return export
-    for folder in packaged_models().values():
-        if causal is None or _is_causal(folder) == causal:
-            return folder
+    packaged = packaged_models()
+    preferred = sorted(packaged, key=lambda name: name != DEFAULT_PACKAGED)  # the default first
+    for name in preferred:
+        if causal is None or _is_causal(packaged[name]) == causal:
+            return packaged[name]
     kind = " causal (unidirectional)" if causal else ""
     raise InputError(
         f"no --model given and no{kind} model exported under {runs}/: train one with "

@@ -35,8 +35,15 @@ def splitmix64(x: Seedable) -> Seedable:
 
 
 def derive_seed(seed: int, *salts: int) -> int:
-    """A 63-bit seed mixed from ``seed`` and integer salts; equal on every process."""
-    state = int(seed) & MASK64
+    """A 63-bit seed for ``seed`` and integer salts (negative ones too); equal on every process.
+
+    The seed is mixed first, then each salt is folded in through the mixer, so that every
+    (seed, salts...) tuple has its own stream: neither ``(seed + 1, salt)`` and ``(seed, salt +
+    1)`` nor ``(a, b)`` and ``(b, a)`` give the same value, as they would if the numbers were
+    added or xor-ed before mixing. splitmix64 is a bijection of 64-bit integers, so two tuples
+    that differ in one position only never collide before the final bit is dropped.
+    """
+    state = splitmix64(int(seed) & MASK64)
     for salt in salts:
-        state = splitmix64((state + (int(salt) & MASK64)) & MASK64)
+        state = splitmix64(state ^ (int(salt) & MASK64))
     return state >> 1

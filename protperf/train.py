@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import zipfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -14,6 +15,7 @@ from protperf import runtime
 from protperf.commandline import Fields, Keywords, Verb
 from protperf.data.datamodule import LoaderConfig
 from protperf.data.publish import DATA_DIR, find_dataset
+from protperf.durable import check_output_folder, remove_stale_temporaries
 from protperf.errors import InputError
 from protperf.lit import OptimConfig
 from protperf.model import PerformerConfig
@@ -127,7 +129,7 @@ def train(
     import pytorch_lightning as pl
 
     from protperf.data.datamodule import ProteinDataModule
-    from protperf.export import export_model, model_from_state_dict
+    from protperf.export import TESTED_SPLITS, export_model, model_from_state_dict
     from protperf.lit import BidirectionalLM, UnidirectionalLM
     from protperf.plot import plot_run
 
@@ -144,6 +146,7 @@ def train(
         if run_dir is not None
         else default_run_dir(config, model, concat, bidirectional)
     )
+    check_output_folder(run_dir, option="--run-dir")
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists() and not resume:
         raise InputError(
@@ -152,6 +155,8 @@ def train(
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         print(f"{PROG}: no checkpoint in {run_dir}, starting from scratch", file=sys.stderr)
+    if ckpt_path is not None and not zipfile.is_zipfile(last):  # before anything is written
+        raise InputError(f"{last}: not a PyTorch checkpoint (damaged or truncated?)")
 
     pl.seed_everything(seed, workers=True, verbose=False)
     datamodule = ProteinDataModule(
@@ -188,6 +193,7 @@ def train(
         raise InputError(f"--data: {error}") from error
     if lightning.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(last.parent)  # checkpoints a killed launch left half-written
         # With its run_dir and data filled in, the saved settings resume the run.
         arguments.update(
             data=data, run_dir=run_dir, resume=False, model=model, optim=optim, masking=masking,
@@ -206,7 +212,16 @@ def train(
             model_from_state_dict(module.config, state_dict),
             run_dir / "export",
             mode=module.mode,
-            metadata={"step": lightning.global_step, "data": str(data), "concat": concat},
+            metadata={
+                "step": lightning.global_step,
+                "data": str(data),
+                "concat": concat,
+                "metrics": {
+                    name: float(value)
+                    for name, value in lightning.callback_metrics.items()
+                    if name.startswith(TESTED_SPLITS)
+                },
+            },
         )
         try:
             plot_run(run_dir)
@@ -237,11 +252,23 @@ def default_run_dir(
 
 def _build_trainer(kwargs: dict[str, Any], run_dir: Path, loggers: list, callbacks: list) -> Any:
     import pytorch_lightning as pl
+    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
+    from protperf.checkpoint_io import DurableCheckpointIO
+
+    kwargs = dict(kwargs)
+    plugins = kwargs.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(DurableCheckpointIO())  # checkpoints written whole, or not at all
     try:
         return pl.Trainer(
-            **kwargs, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks
+            **kwargs,
+            default_root_dir=str(run_dir),
+            logger=loggers,
+            callbacks=callbacks,
+            plugins=plugins,
         )
     except (MisconfigurationException, TypeError, ValueError) as error:
         raise InputError(f"invalid trainer setting: {error}") from error

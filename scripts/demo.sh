@@ -74,11 +74,11 @@ else
         > "$DEMO_DIR/sample.fasta"
 fi
 protperf embed "$DEMO_DIR/sample.fasta" --model "$DEMO_DIR/run" -o "$DEMO_DIR/embeddings.h5" \
-    --per-residue
+    --per-residue --overwrite
 
 # 5. Five new proteins sampled from the model.
 step "generate: 5 proteins -> $DEMO_DIR/generated.fasta"
-protperf generate --model "$DEMO_DIR/run" -n 5 -o "$DEMO_DIR/generated.fasta"
+protperf generate --model "$DEMO_DIR/run" -n 5 -o "$DEMO_DIR/generated.fasta" --overwrite
 head -n 4 "$DEMO_DIR/generated.fasta"
 
 step "done in $((SECONDS - start)) s. Outputs:"

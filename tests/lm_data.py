@@ -15,6 +15,16 @@ from protperf import tokenizer as tok
 from protperf.data.build import write_split
 
 
+def ecoli_fasta(proteome_dir: Path, path: Path, count: int) -> list[str]:
+    """Write the first ``count`` E. coli proteins of the shared proteomes, headers and all, as a
+    plain FASTA file at ``path``; returns their ids."""
+    source = sorted(proteome_dir.glob("*E.coli*.fasta.gz"))[0]
+    with gzip.open(source, "rt") as handle:
+        records = handle.read().split(">")[1 : count + 1]
+    path.write_text("".join(">" + record for record in records))
+    return [record.split()[0] for record in records]
+
+
 def read_fasta(path: Path, limit: int) -> list[tuple[str, str]]:
     """The first ``limit`` (accession, sequence) records of a (gzipped) FASTA file."""
     records: list[tuple[str, str]] = []

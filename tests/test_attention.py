@@ -1,14 +1,32 @@
 """FastAttention, the nn.Module: FAVOR+ or exact attention behind one interface (padding,
-strided inputs, feature redraws, decoding steps, dtypes, arguments). The FAVOR+ ops themselves
-are tested in tests/favor/."""
+strided inputs, feature redraws, decoding steps, dtypes, arguments, the choice of kernels'
+backend). The FAVOR+ ops themselves are tested in tests/favor/."""
 
 from __future__ import annotations
+
+import os
+
+# The Triton backend on CPU tensors runs under Triton's interpreter, which Triton reads when
+# protperf's kernel modules are first imported (on the first Triton call, after this).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from protperf.attention import KERNEL_NAMES, KERNELS, FastAttention, check_kernel
+from protperf.attention import (
+    BACKENDS,
+    KERNEL_NAMES,
+    KERNELS,
+    FastAttention,
+    check_backend,
+    check_kernel,
+)
+from protperf.favor import triton as favor_triton
 from protperf.favor.reference import random_qkv
+from protperf.model import PerformerConfig, PerformerLM
 
 KERNEL_SETUPS = [
     pytest.param("softmax", "orthogonal", id="softmax"),
@@ -147,3 +165,101 @@ def test_builds_on_the_meta_device():
     with torch.device("meta"):
         attn = FastAttention(head_dim=64, num_features=256)
     assert attn.projection.device.type == "meta" and attn.projection.shape == (256, 64)
+
+
+def test_backends_are_checked():
+    assert BACKENDS == ("auto", "torch", "triton")
+    for backend in BACKENDS:
+        assert check_backend(backend) == backend
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton'"):
+        FastAttention(head_dim=8, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be"):
+        PerformerConfig(dim=32, heads=2, attention_backend="cuda")
+
+
+def test_auto_runs_the_pytorch_kernels_on_the_cpu():
+    """``auto`` picks Triton for CUDA tensors only: on the CPU it is the PyTorch path, bit for bit."""
+    q, k, v = (x.detach().float() for x in random_qkv(1, 2, 30, 8, seed=1))
+    auto = FastAttention(head_dim=8, num_features=16, causal=True, chunk_size=8)
+    torch_backend = FastAttention(
+        head_dim=8, num_features=16, causal=True, chunk_size=8, backend="torch"
+    )
+    assert auto.backend == "auto" and not auto.uses_triton(q)
+    assert torch.equal(auto(q, k, v), torch_backend(q, k, v))
+    assert "backend='auto'" in repr(auto)
+
+
+def test_triton_backend_says_where_it_cannot_run(monkeypatch):
+    attn = FastAttention(head_dim=8, num_features=16, backend="triton")
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="float32"):
+        attn.uses_triton(q.double())
+    monkeypatch.setattr(favor_triton, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        attn.uses_triton(q)
+    monkeypatch.setattr(favor_triton, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        attn.uses_triton(q)
+    assert not FastAttention(head_dim=8, backend="auto").uses_triton(q)
+    assert not FastAttention(head_dim=8, kernel="exact", backend="triton").uses_triton(q)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_triton_backend_through_the_module(causal):
+    """backend="triton" (here on CPU tensors, under the interpreter) gives the PyTorch backend's
+    outputs and gradients, zero at padding, in the inputs' dtype."""
+    results = []
+    mask = torch.zeros(2, 23, dtype=torch.bool)
+    mask[1, 15:] = True
+    for backend in ("torch", "triton"):
+        attn = FastAttention(head_dim=16, num_features=32, causal=causal, backend=backend)
+        q, k, v = (x.detach().float().requires_grad_() for x in random_qkv(2, 2, 23, 16, seed=2))
+        out = attn(q, k, v, key_padding_mask=mask)
+        out.pow(2).sum().backward()
+        results.append([out, q.grad, k.grad, v.grad])
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.detach().abs().max()))
+    assert torch.count_nonzero(results[1][0][1, :, 15:]) == 0
+
+
+def test_model_passes_its_backend_to_attention_and_loads_without_it():
+    """PerformerConfig.attention_backend reaches every layer; a config.json written before the
+    option existed (no such key) loads with the default, so old exports still load."""
+    config = PerformerConfig(
+        dim=32, depth=2, heads=2, ff_dim=64, num_features=16, dropout=0.0, causal=True,
+        attention_backend="triton",
+    )  # fmt: skip
+    model = PerformerLM(config)
+    assert {block.attn.attention.backend for block in model.blocks} == {"triton"}
+    old = config.to_dict()
+    del old["attention_backend"]
+    assert PerformerConfig.from_dict(old).attention_backend == "auto"
+    tokens = torch.randint(5, 30, (1, 20), generator=torch.Generator().manual_seed(0))
+    reference = PerformerLM(PerformerConfig.from_dict({**old, "attention_backend": "torch"}))
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(
+        model(tokens)["logits"], reference(tokens)["logits"], rtol=0, atol=1e-4
+    )
+
+
+def test_protperf_runs_without_triton():
+    """Triton is imported only where its kernels run: without it, protperf imports, ``auto``
+    runs the PyTorch kernels, and asking for ``triton`` says what is missing."""
+    script = """
+import sys
+sys.modules["triton"] = None  # as if not installed: importing it raises ImportError
+import torch
+from protperf.attention import FastAttention
+from protperf.favor import triton as favor_triton
+assert not favor_triton.available()
+q = torch.randn(1, 2, 10, 8)
+print(FastAttention(head_dim=8, num_features=16, causal=True)(q, q, q).shape)
+try:
+    FastAttention(head_dim=8, backend="triton")(q, q, q)
+except RuntimeError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([1, 2, 10, 8])" in done.stdout and "pip install triton" in done.stdout

@@ -48,6 +48,9 @@ ABBREVIATED = {
     "embed": ["x.fasta", "--model", "m", "--per-res"],
     "evaluate": ["--model", "m", "--data", "d", "--form", "json"],
     "generate": ["--model", "m", "--temp", "1.0"],
+    "score": ["x.fasta", "--model", "m", "--mutation", "m.csv"],
+    "models": ["--ru", "runs"],
+    "export": ["runs/x", "out", "--form", "hf"],
 }
 
 

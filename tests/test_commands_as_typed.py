@@ -10,14 +10,14 @@ stops after two steps; the command lines are exactly the README's.
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import h5py
 import pytest
+from lm_data import ecoli_fasta
 from uniprot_server import MirrorServer, build_release_tree
 
-from protperf import cli, train
+from protperf import cli, pretrained, train
 
 DAT_FILES = ["emboss_trembl.dat", "emboss_swissprot_100.dat", "biopython_multi_ex.dat"]
 #: The concat preset shrunk: the same keys as train.CONCAT_PRESET, a model that trains in seconds.
@@ -49,15 +49,6 @@ def small_defaults(monkeypatch):
     train.verb.cache_clear()
 
 
-def _sequences_fasta(proteome_dir: Path, path: Path, count: int) -> list[str]:
-    """The first ``count`` E. coli proteins as a plain FASTA file; returns their ids."""
-    source = sorted(proteome_dir.glob("*E.coli*.fasta.gz"))[0]
-    with gzip.open(source, "rt") as handle:
-        records = handle.read().split(">")[1 : count + 1]
-    path.write_text("".join(">" + record for record in records))
-    return [record.split()[0] for record in records]
-
-
 def _last_line(capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -80,7 +71,7 @@ def test_prepare_train_embed_as_typed(
     saved = (run / "config.yaml").read_text()
     assert "data: data/2019_01\n" in saved and "concat: true\n" in saved
 
-    ids = _sequences_fasta(proteome_dir, tmp_path / "sequences.fasta", 5)
+    ids = ecoli_fasta(proteome_dir, tmp_path / "sequences.fasta", 5)
     assert cli.main(["embed", "sequences.fasta"]) == 0
     captured = capsys.readouterr()
     assert f"using --model {run / 'export'} (the most recent export)" in captured.err
@@ -112,8 +103,10 @@ def test_train_without_a_dataset_or_with_several_says_so(
 
 
 def test_embed_without_a_model_says_how_to_get_one(proteome_dir, tmp_path, monkeypatch, capsys):
+    """Where no model is packaged either (a source tree without protperf/weights)."""
+    monkeypatch.setattr(pretrained, "PACKAGED_DIR", tmp_path / "no-weights")
     monkeypatch.chdir(tmp_path)
-    _sequences_fasta(proteome_dir, tmp_path / "sequences.fasta", 2)
+    ecoli_fasta(proteome_dir, tmp_path / "sequences.fasta", 2)
     assert cli.main(["embed", "sequences.fasta"]) == 1
     assert _last_line(capsys) == (
         "protperf embed: error: no --model given and no model exported under runs/: train one "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from Bio import SeqIO, SwissProt
 from tokenizers import Tokenizer
 from uniprot_server import MirrorServer, Misbehaviour, build_release_tree
 
-from protperf import tokenizer
+from protperf import prepare, tokenizer
+from protperf.data import publish
 from protperf.data.build import SPLITS, concat_order, sequence_hashes
 from protperf.data.h5 import read_split
 from protperf.prepare import main
@@ -343,6 +345,42 @@ def test_ood_source_holds_out_whole_organisms(proteome_dir, capsys, tmp_path):
     assert status == 1 and "--ood-source needs --source" in err
 
 
+def test_a_bad_input_leaves_nothing_while_the_tokenizer_is_still_being_written(
+    proteome_dir, capsys, tmp_path, monkeypatch
+):
+    """The tokenizer's file is written by a thread into the staging folder; an error in the
+    input removes that folder only once the thread is done, or the thread could write into it
+    while it is being removed (rmtree empties it, the thread writes, the folder stays)."""
+    save = prepare._save_tokenizer_json
+    remove = shutil.rmtree
+
+    def slow(path: Path) -> None:  # a writer still at work when the input fails
+        for _ in range(20):
+            save(path)
+            time.sleep(0.05)
+
+    def removal_taking_time(path, ignore_errors=False):
+        """rmtree's steps: the files, then the folder (which fails if a file came back)."""
+        for child in Path(path).iterdir():
+            child.unlink() if child.is_file() else remove(child)
+        time.sleep(0.2)  # a slow file system between the files and the folder itself
+        try:
+            os.rmdir(path)
+        except OSError:
+            if not ignore_errors:
+                raise
+
+    monkeypatch.setattr(prepare, "_save_tokenizer_json", slow)
+    monkeypatch.setattr(publish.shutil, "rmtree", removal_taking_time)
+    bad = tmp_path / "cut.fasta.gz"
+    whole = sorted(proteome_dir.glob("*E.coli*.fasta.gz"))[0].read_bytes()
+    bad.write_bytes(whole[: len(whole) // 4])  # fails when a quarter of it has been read
+    status, _, err = run(["--source", str(bad), "--out", str(tmp_path / "out")], capsys)
+    assert status == 1 and "cut.fasta.gz" in err and "truncated gzip" in err
+    time.sleep(1.2)  # after the thread's last write, had it outlived the run
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cut.fasta.gz"]
+
+
 def test_malformed_inputs_give_clear_errors(uniprot_dat_dir, proteome_dir, capsys, tmp_path):
     good = (uniprot_dat_dir / "emboss_trembl.dat").read_bytes()
     truncated = tmp_path / "cut.dat.gz"
@@ -431,3 +469,29 @@ def test_fasta_source_by_url_with_max_sequences(proteome_dir, capsys, tmp_path):
     assert manifest["sources"][0]["bytes"] == (proteome_dir / name).stat().st_size
     few = json.loads((tmp_path / "few/manifest.json").read_text())
     assert few["records_read"] == 100 and few["max_sequences"] == 100
+
+
+def test_a_split_left_empty_by_too_few_sequences_is_a_warning(capsys, tmp_path):
+    fasta = tmp_path / "few.fasta"
+    fasta.write_text("".join(f">p{i}\n{'MKTAYIAKQR'[: 3 + i]}W\n" for i in range(6)))
+    status, _, err = run(
+        ["--source", str(fasta), "--out", str(tmp_path / "out"), "--quiet"], capsys
+    )
+    assert status == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    for split in ("valid", "test"):
+        empty = manifest["splits"][split]["sequences"] == 0
+        fraction = manifest[f"{split}_fraction"]
+        warning = (
+            f"protperf prepare-data: warning: the {split} split is empty: 6 sequences to split "
+            f"and --{split}-fraction {fraction:g} expect {6 * fraction:.2g} in it; give more "
+            f"sequences or a larger --{split}-fraction"
+        )
+        assert (warning in err.splitlines()) == empty, err
+    assert manifest["splits"]["valid"]["sequences"] == 0  # 6 x 0.000966: almost surely
+    status, _, err = run(
+        ["--source", str(fasta), "--out", str(tmp_path / "split"), "--quiet",
+         "--valid-fraction", "0.5", "--test-fraction", "0.5"],
+        capsys,
+    )  # fmt: skip
+    assert status == 0 and "warning" not in err

@@ -227,3 +227,14 @@ def test_pfam_mapping_formats():
         "P33333\t\n",
     ]
     assert load_held_out_accessions(lines, ["PF00002"]) == {"P11111", "A0A000"}
+
+
+def test_windows_line_ends_are_read_whatever_the_first_chunk(uniprot_dat_dir):
+    """CRLF files (and files that mix line ends) read as the Unix file, even when the first
+    chunk is too short to hold a line end (a network read, a tar member's first piece)."""
+    data = (uniprot_dat_dir / "emboss_swissprot_100.dat").read_bytes()
+    expected = scanned([data])
+    crlf = data.replace(b"\n", b"\r\n")
+    assert scanned([crlf[:10], crlf[10:]]) == expected
+    mixed = data.replace(b"//\n", b"//\r\n")
+    assert scanned(mixed[i : i + 4096] for i in range(0, len(mixed), 4096)) == expected

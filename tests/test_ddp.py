@@ -15,8 +15,7 @@ import torch
 from lm_data import write_dataset
 
 from protperf.data.datamodule import LoaderConfig, ProteinDataModule
-from protperf.lit import BidirectionalLM
-from protperf.objectives import LMMetrics
+from protperf.lit import BidirectionalLM, LMMetrics
 from protperf.seeds import derive_seed
 
 WORKER = textwrap.dedent(

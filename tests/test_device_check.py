@@ -1,5 +1,5 @@
-"""The prepared GPU checks (scripts/device_check.sh, device_cli_check.sh) stay runnable: their
-CPU dry runs pass.
+"""The prepared GPU checks (scripts/device_check.sh, device_cli_check.sh,
+device_triton_check.sh) stay runnable: their CPU dry runs pass.
 
 No GPU runs in CI; the dry run executes every step of the script with DEVICE=cpu and small sizes,
 so that a renamed benchmark option or a broken check fails here rather than in the few minutes of
@@ -93,3 +93,25 @@ def test_device_cli_script_dry_run_runs_every_verb(tmp_path, tiny_lm_data, prote
     assert len(profiled) == 4  # both directions at 256 and 512
     assert "error" not in compiled and "timeout" not in compiled
     assert len(list(out.iterdir())) <= 8, "the device tool returns at most 8 files"
+
+
+def test_triton_device_script_dry_run_runs_every_step(tmp_path):
+    """scripts/device_triton_check.sh on the CPU, the Triton kernels under Triton's interpreter:
+    the checks (the Triton ones too) pass, the attention benchmark has the Triton contender,
+    the training benchmark runs the Triton backend, and the longest-L search reports."""
+    run_script("device_triton_check.sh", OUT=str(tmp_path))
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["checks", "attention", "train", "long"]
+    assert all(" exit 0" in line for line in summary)
+    checks = json.loads((tmp_path / "checks.json").read_text())["checks"]
+    assert set(checks) == set(cuda_check.TRITON_CHECKS)
+    assert all(check["passed"] for check in checks.values())
+    protein = checks["protein batches: Triton and PyTorch vs float64"]["measure"]
+    assert "Triton / PyTorch: softmax causal" in protein
+    attention = json.loads((tmp_path / "attention.json").read_text())
+    assert {row["implementation"] for row in attention} == {"protperf", "protperf-triton", "exact"}
+    assert all("time_s" in row for row in attention), attention
+    assert "FAVOR+ backend triton" in (tmp_path / "train.log").read_text()
+    long = (tmp_path / "long.log").read_text()
+    assert "gradient checkpointing" in long and "longest FAVOR+ causal: L = " in long
+    assert len(list(tmp_path.iterdir())) <= 8, "the device tool returns at most 8 files"

@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from lm_models import tiny_config
 
 from protperf import durable
 from protperf.data.build import write_split
+from protperf.durable import atomic_file
+from protperf.errors import InputError
 from protperf.export import export_model
-from protperf.inference import atomic_output
 from protperf.model import PerformerLM
 
 
@@ -41,10 +43,10 @@ def test_sync_tree_covers_every_file_and_folder(tmp_path, monkeypatch):
     assert synced == {"a", "a/b", "a/x.bin", "a/b/y.bin"}
 
 
-def test_atomic_output_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+def test_atomic_file_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
     calls = _record(monkeypatch)
     out = tmp_path / "out.txt"
-    with atomic_output(out) as tmp, open(tmp, "w") as handle:
+    with atomic_file(out) as tmp, open(tmp, "w") as handle:
         handle.write("data")
     assert out.read_text() == "data"
     first, last = calls[0], calls[-1]
@@ -98,6 +100,7 @@ _KILLED_BETWEEN_RENAMES = """
 import sys, time
 from pathlib import Path
 from protperf import durable
+from protperf.durable import atomic_file
 real_rename = Path.rename
 def rename(self, target):
     result = real_rename(self, target)
@@ -138,3 +141,58 @@ def test_a_publish_killed_between_its_renames_loses_nothing(tmp_path):
     export_model(model, out, mode="unidirectional")  # a later export replaces it normally
     assert json.loads((out / "config.json").read_text())["mode"] == "unidirectional"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "staging"]
+
+
+def test_atomic_file_follows_a_link_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "results" / "run1.txt"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "latest.txt"
+    link.symlink_to(target)
+    with atomic_file(link) as tmp, open(tmp, "w") as handle:
+        handle.write("new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["run1.txt"]
+
+
+def test_atomic_file_without_overwrite_keeps_a_file_that_appeared(tmp_path):
+    out = tmp_path / "out.txt"
+    appeared = pytest.raises(InputError, match="appeared while this run was writing it")
+    with appeared, atomic_file(out, overwrite=False) as tmp:
+        tmp.write_text("new")
+        out.write_text("written meanwhile by someone else")
+    assert out.read_text() == "written meanwhile by someone else"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    out = tmp_path / "out.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = durable.temporary_name(out, int(dead.stdout))
+    live = durable.temporary_name(out, os.getpid())
+    other = durable.temporary_name(tmp_path / "other.h5", int(dead.stdout))
+    for path in (stale, live, other):
+        path.write_text("partial")
+    assert durable.remove_stale_temporaries(tmp_path, out.name) == [stale]
+    assert live.exists() and other.exists()
+    assert durable.remove_stale_temporaries(tmp_path) == [other]
+
+
+def test_output_checks_name_the_option_and_the_problem(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (tmp_path, f"-o {tmp_path}: is a folder; give a file name"),
+        (Path("/dev/null"), "-o /dev/null: not a regular file (a device or a pipe)"),
+        (tmp_path / "file", f"-o {tmp_path / 'file'}: the file exists; pass --overwrite"),
+        (tmp_path / "no" / "x", f"-o {tmp_path / 'no' / 'x'}: folder {tmp_path / 'no'} does not"),
+    ]
+    for out, message in cases:
+        with pytest.raises(InputError) as caught:
+            durable.check_output_file(out, overwrite=False)
+        assert str(caught.value).startswith(message)
+    durable.check_output_file(tmp_path / "file", overwrite=True)
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        durable.check_output_folder(tmp_path / "file", option="--run-dir")
+    durable.check_output_folder(tmp_path / "new" / "run", option="--run-dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -219,9 +219,14 @@ def test_bad_options_and_a_failure_midway_leave_the_old_output(
     fasta = write_fasta(tmp_path / "p.fasta", [("a", "MKTAYIAK"), ("b", "MSSHHHHHHK")])
     out = tmp_path / "p.h5"
     out.write_bytes(b"previous results")
-    assert run_embed(fasta, "--model", models["bi-softmax"], "-o", out, "--layers", "7") == 1
+    assert run_embed(fasta, "--model", models["bi-softmax"], "-o", out) == 1
+    assert capsys.readouterr().err == (
+        f"protperf embed: error: -o {out}: the file exists; pass --overwrite to replace it\n"
+    )
+    replace = ["-o", out, "--overwrite"]
+    assert run_embed(fasta, "--model", models["bi-softmax"], *replace, "--layers", "7") == 1
     assert "--layers 7" in capsys.readouterr().err
-    assert run_embed(fasta, "--model", tmp_path / "no-model", "-o", out) == 1
+    assert run_embed(fasta, "--model", tmp_path / "no-model", *replace) == 1
     assert "no-model" in capsys.readouterr().err
 
     from protperf.model import PerformerLM
@@ -236,6 +241,10 @@ def test_bad_options_and_a_failure_midway_leave_the_old_output(
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(PerformerLM, "forward", failing_forward)
-    status = run_embed(fasta, "--model", models["bi-softmax"], "-o", out, "--tokens-per-batch", 12)
+    status = run_embed(fasta, "--model", models["bi-softmax"], *replace, "--tokens-per-batch", 12)
     assert status == 130 and calls["n"] == 2
     assert out.read_bytes() == b"previous results" and leftovers(tmp_path) == []
+    monkeypatch.setattr(PerformerLM, "forward", forward)
+    assert run_embed(fasta, "--model", models["bi-softmax"], *replace) == 0
+    with h5py.File(out) as f:
+        assert list(f["ids"].asstr()[:]) == ["a", "b"]

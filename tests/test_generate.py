@@ -156,3 +156,31 @@ def test_errors(trained_tiny_runs, tmp_path, capsys):
     out = tmp_path / "missing-folder" / "x.fasta"
     assert cli.main(["generate", "--model", unidirectional, "-o", str(out)]) == 1
     assert "missing-folder" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite(random_models, tmp_path, capsys):
+    out = tmp_path / "generated.fasta"
+    out.write_text(">earlier\nMKT\n")
+    args = ["generate", "--model", str(random_models["relu"]), "-n", "2", "--max-length", "8"]
+    assert cli.main([*args, "-o", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"protperf generate: error: -o {out}: the file exists; pass --overwrite to replace it\n"
+    )
+    assert out.read_text() == ">earlier\nMKT\n"
+    assert cli.main([*args, "-o", str(out), "--overwrite"]) == 0
+    records, _ = read_fasta(out)
+    assert [r.id for r in records] == ["generated_1", "generated_2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generated.fasta"]
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
+def test_a_temperature_that_is_not_a_finite_number_is_refused(random_models, temperature, capsys):
+    args = ["generate", "--model", str(random_models["relu"]), "--temperature", temperature]
+    assert cli.main(args) == 1
+    assert capsys.readouterr().err == (
+        f"protperf generate: error: --temperature must be a finite number >= 0, "
+        f"not {float(temperature)}\n"
+    )
+    model = load_model(random_models["relu"])
+    with pytest.raises(ValueError, match="--temperature"):
+        generate_tokens(model, num=1, max_length=5, temperature=float(temperature))

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from protperf.lit import LMMetrics
 from protperf.objectives import (
     IGNORE_INDEX,
-    LMMetrics,
     MaskingConfig,
     mask_tokens,
     masked_batch,

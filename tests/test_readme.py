@@ -364,6 +364,36 @@ def _check_plot(argv: list[str], out_text: str) -> None:
     assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _check_export(argv: list[str], out_text: str) -> None:
+    out = Path(argv[2])
+    assert f"wrote {out}" in out_text
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def _check_score(argv: list[str], out_text: str) -> None:
+    import csv
+
+    from protperf.fasta import read_fasta
+    from protperf.score import default_score_output
+
+    fasta, mutations = Path(argv[1]), _option(argv, "--mutations")
+    default = default_score_output(fasta, mutations=mutations is not None)
+    out = Path(_option(argv, "-o", "--out", default=str(default)))
+    assert out_text == f"{out}\n"
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t" if out.suffix == ".tsv" else ","))
+    if mutations is None:
+        records, _ = read_fasta(fasta)
+        assert [row["id"] for row in rows] == [record.id for record in records]
+        assert all(float(row["log_likelihood"]) < 0 for row in rows)
+    else:
+        with open(mutations, newline="") as handle:
+            given = [row for row in csv.DictReader(handle) if any(row.values())]
+        assert [(row["id"], row["mutation"]) for row in rows] == [
+            (row["id"], row["mutation"]) for row in given
+        ]
+
+
 def run_protperf_command(argv: list[str]) -> tuple[str, str]:
     """Run a README `protperf ...` (argv without the program name) and check its promises;
     returns what it printed on standard output and standard error."""
@@ -396,6 +426,10 @@ def run_protperf_command(argv: list[str]) -> tuple[str, str]:
         _check_generate(argv, out_text)
     elif verb == "plot":
         _check_plot(argv, out_text)
+    elif verb == "score":
+        _check_score(argv, out_text)
+    elif verb == "export":
+        _check_export(argv, out_text)
     return out_text, err_text
 
 

@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from protperf import __version__
+from protperf.data.errors import DataError
 
 FORMAT_VERSION = 1
 TOKEN_CHUNK = 1 << 16
@@ -205,3 +206,21 @@ def read_split(path: str | Path) -> SplitData:
             concat=handle["concat"][:],
             attrs=dict(handle.attrs),
         )
+
+
+def check_split(path: str | Path) -> None:
+    """Raise :class:`DataError` naming ``path`` unless it opens as a split file: HDF5 (not
+    truncated) with ``tokens`` and ``offsets``. A missing file raises ``FileNotFoundError``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `protperf prepare-data` first")
+    try:
+        with h5py.File(path, "r") as handle:
+            for name in ("tokens", "offsets"):
+                if not isinstance(handle.get(name), h5py.Dataset):
+                    raise KeyError(f"no {name!r} dataset")
+    except (OSError, KeyError) as error:
+        reason = str(error).strip("'\"")
+        raise DataError(
+            f"{path}: not a protperf dataset ({reason}); re-run `protperf prepare-data`"
+        ) from error
