@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +94,40 @@ def token_budget_batches(lengths: Sequence[int], tokens_per_batch: int) -> list[
 
 
 @torch.no_grad()
+def forward_batches(
+    model: PerformerLM,
+    lengths: Sequence[int],
+    residues: Callable[[int], np.ndarray],
+    *,
+    tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
+    device: torch.device | str = "cpu",
+    precision: Precision = "32",
+    repr_layers: Sequence[int] = (),
+) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
+    """The model over items batched by a token budget (:func:`token_budget_batches`), each read
+    whole as ``<bos> residues <eos>``.
+
+    Args:
+        model: an eval-mode model on ``device``.
+        lengths: residues in each item.
+        residues: ``residues(i)``, item i's residue token ids (L_i,), asked for only when its
+            batch runs (so that many items derived from one protein need not all be held).
+
+    Yields:
+        (the batch's item indices, longest first; the model's output for them: ``logits``
+        (B, L_max + 2, V) and ``representations`` {layer: (B, L_max + 2, D)}).
+    """
+    device = torch.device(device)
+    for batch in token_budget_batches([length + 2 for length in lengths], tokens_per_batch):
+        tokens, padding_mask = batch_encode([residues(index) for index in batch])
+        tokens = tokens.to(device)
+        padding_mask = None if padding_mask is None else padding_mask.to(device)
+        with autocast(device, precision):
+            out = model(tokens, padding_mask, repr_layers=list(repr_layers))
+        yield batch, out
+
+
+@torch.no_grad()
 def embed_tokens(
     model: PerformerLM,
     sequences: Sequence[np.ndarray],
@@ -115,14 +149,11 @@ def embed_tokens(
         (index into ``sequences``, mean (K, D) float32 on the CPU, residues (L_i, K, D) float32
         on the CPU or None without ``per_residue``).
     """
-    device = torch.device(device)
-    lengths = [len(s) + 2 for s in sequences]
-    for batch in token_budget_batches(lengths, tokens_per_batch):
-        tokens, padding_mask = batch_encode([sequences[i] for i in batch])
-        tokens = tokens.to(device)
-        padding_mask = None if padding_mask is None else padding_mask.to(device)
-        with autocast(device, precision):
-            out = model(tokens, padding_mask, repr_layers=list(layers))
+    batches = forward_batches(
+        model, [len(s) for s in sequences], sequences.__getitem__,
+        tokens_per_batch=tokens_per_batch, device=device, precision=precision, repr_layers=layers,
+    )  # fmt: skip
+    for batch, out in batches:
         hidden = torch.stack([out["representations"][layer] for layer in layers], dim=2)
         hidden = hidden.float()  # (B, L, K, D)
         for row, index in enumerate(batch):

@@ -49,13 +49,13 @@ from torch import Tensor
 from protperf import runtime
 from protperf.commandline import run_verb
 from protperf.durable import atomic_file, check_output_file
-from protperf.embed import DEFAULT_TOKENS_PER_BATCH, default_output, token_budget_batches
+from protperf.embed import DEFAULT_TOKENS_PER_BATCH, default_output, forward_batches
 from protperf.errors import InputError
 from protperf.fasta import ALPHABET, FastaRecord, read_fasta
-from protperf.inference import Precision, autocast, load_for_inference
+from protperf.inference import Precision, load_for_inference
 from protperf.model import PerformerLM
 from protperf.runtime import MatmulPrecision
-from protperf.tokenizer import MASK, batch_encode, encode
+from protperf.tokenizer import MASK, encode
 
 #: The columns a mutations file must have.
 MUTATION_COLUMNS = ("id", "mutation")
@@ -104,20 +104,22 @@ def pass_log_probs(
     """
     device = torch.device(device)
     offset = 0 if model.config.causal else 1  # token position whose logits predict residue 0
-    lengths = [len(sequences[p.sequence]) + 2 for p in passes]
-    for batch in token_budget_batches(lengths, tokens_per_batch):
-        inputs = []
-        for index in batch:
-            residues = sequences[passes[index].sequence]
-            if passes[index].masked:
-                residues = residues.copy()
-                residues[list(passes[index].masked)] = MASK
-            inputs.append(residues)
-        tokens, padding_mask = batch_encode(inputs)
-        tokens = tokens.to(device)
-        padding_mask = None if padding_mask is None else padding_mask.to(device)
-        with autocast(device, precision):
-            logits = model(tokens, padding_mask)["logits"]  # (B, L_max + 2, V)
+
+    def residues(index: int) -> np.ndarray:
+        item = passes[index]
+        if not item.masked:
+            return sequences[item.sequence]
+        masked = sequences[item.sequence].copy()
+        masked[list(item.masked)] = MASK
+        return masked
+
+    lengths = [len(sequences[p.sequence]) for p in passes]
+    batches = forward_batches(
+        model, lengths, residues, tokens_per_batch=tokens_per_batch, device=device,
+        precision=precision,
+    )  # fmt: skip
+    for batch, out in batches:
+        logits = out["logits"]  # (B, L_max + 2, V)
         for row, index in enumerate(batch):
             item = passes[index]
             if item.read is None:
