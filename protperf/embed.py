@@ -1,14 +1,19 @@
 """`protperf embed`: protein (and residue) embeddings of a FASTA file, in the manner of ESM's extract.
 
     protperf embed sequences.fasta [--model MODEL] [-o embeddings.h5] [--per-residue]
-        [--layers -1 ...] [--tokens-per-batch N] [--device cpu|cuda] [--precision 32|bf16-mixed]
-        [--skip-invalid] [--overwrite]
+        [--layers -1 ...] [--tokens-per-batch N] [--device cpu|cuda] [--devices N]
+        [--num-nodes K] [--shard-tokens N] [--precision 32|bf16-mixed] [--skip-invalid]
+        [--overwrite]
 
 Each protein is read as ``<bos> sequence <eos>``, whole: no cropping, whatever its length (FAVOR+
-costs linear time and memory in the length). Proteins are batched by a token budget, longest
-first (ESM's scheme: a batch takes proteins while count x longest stays within the budget; a
-protein longer than the budget runs alone); the embedding of a protein does not depend on its
-batch (padding is masked out of attention and the mean).
+costs linear time and memory in the length). The file is validated in one streaming pass and cut
+into shards of about ``--shard-tokens`` tokens (:mod:`protperf.shards`), which the processes
+share by tokens and write to ``<out>.shards/``; rank 0 merges them in FASTA order. Memory is one
+shard's, whatever the size of the file, and a stopped run resumes from the shards written.
+Within a shard, proteins are batched by a token budget, longest first (ESM's scheme: a batch
+takes proteins while count x longest stays within the budget; a protein longer than the budget
+runs alone); the embedding of a protein does not depend on its batch (padding is masked out of
+attention and the mean), and the shards do not depend on the number of processes.
 
 Output HDF5 (written to a temporary name, renamed when complete), N proteins, D = model dim:
 
@@ -34,6 +39,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +47,35 @@ import torch
 from torch import Tensor
 
 from protperf import __version__, runtime
-from protperf.commandline import run_verb
+from protperf.commandline import INPUT_ERROR, run_verb
 from protperf.durable import atomic_file, check_output_file
 from protperf.errors import InputError
-from protperf.fasta import FastaRecord, read_fasta
-from protperf.inference import Precision, autocast, load_for_inference, weights_fingerprint
+from protperf.fasta import FastaReader, FastaRecord
+from protperf.inference import (
+    LoadedModel,
+    Precision,
+    autocast,
+    load_for_inference,
+    locate_model,
+    weights_fingerprint,
+)
 from protperf.model import PerformerLM
 from protperf.runtime import MatmulPrecision
+from protperf.shards import (
+    DEFAULT_SHARD_TOKENS,
+    Plan,
+    Shard,
+    assign_shards,
+    discard_if_empty,
+    finished_shards,
+    merge_shards,
+    open_shard_folder,
+    plan_shards,
+    run_digest,
+    shard_folder,
+)
 from protperf.tokenizer import batch_encode, encode
+from protperf.workers import Workers, start_workers
 
 DEFAULT_TOKENS_PER_BATCH = 4096  # ESM extract's default
 _FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas", ".fna", ".seq")
@@ -228,6 +255,9 @@ def embed(
     layers: tuple[int, ...] = (-1,),
     tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
     device: str = "cpu",
+    devices: int = 1,
+    num_nodes: int = 1,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
     precision: Precision = "32",
     float32_matmul_precision: MatmulPrecision = "high",
     skip_invalid: bool = False,
@@ -236,9 +266,13 @@ def embed(
     """Embed the proteins of a FASTA file with a protperf model into an HDF5 file.
 
     Writes the datasets ids, descriptions and mean (N x D float32, mean over residues), plus
-    residues and offsets with --per-residue (the layout: docs/data.md). Proteins are
-    never cropped. The output appears only when complete; an invalid input writes nothing, and
-    an existing file is replaced only with --overwrite.
+    residues and offsets with --per-residue (the layout: docs/data.md), in FASTA order. Proteins
+    are never cropped. The file is read in one streaming pass and embedded in shards of about
+    --shard-tokens tokens, so memory does not grow with the file. --devices N (and --num-nodes)
+    share the shards among processes by tokens (Lightning Fabric; torchrun and SLURM ranks are
+    picked up as by train). Shards are kept in <out>.shards/ until the output is complete: a run
+    that was stopped resumes when started again with the same arguments. An invalid input
+    writes nothing, and an existing file is replaced only with --overwrite.
 
     Args:
         fasta: FASTA file (plain or gzipped); lower case accepted, a final '*' removed.
@@ -248,91 +282,175 @@ def embed(
         per_residue: also store every residue's embedding (residues, offsets).
         layers: layers to return: 0 = token embedding, i = block i, -1 = final (layer-normed).
         tokens_per_batch: token budget of a batch (count x longest, with <bos>/<eos>).
-        device: cpu, cuda or cuda:N.
+        device: cpu, cuda or cuda:N; with --devices, the kind of device (cpu or cuda).
+        devices: processes on this machine, one per device (CPU processes with --device cpu).
+        num_nodes: machines, each running --devices processes (torchrun or SLURM starts them).
+        shard_tokens: tokens in a shard, the unit of work shared among processes and of resuming;
+            the numbers do not depend on --devices.
         precision: 32 (float32) or bf16-mixed / 16-mixed autocast; outputs are float32.
         float32_matmul_precision: float32 products: high = TF32 on CUDA (FAVOR+ computes in
             float32 even under autocast), highest = IEEE float32, medium = bfloat16 on
             CPUs with AMX too. A CPU gives the same numbers with high and highest.
         skip_invalid: skip (and report) records with no sequence or non-amino-acid letters.
-        overwrite: replace an existing output file.
+        overwrite: replace an existing output file (and a shard folder of a different run).
     """
     start = time.perf_counter()
+    runtime.no_primitive_cache()
     fasta = Path(fasta)
     out = Path(out) if out is not None else default_output(fasta)
     check_output_file(out, overwrite=overwrite)
-    if tokens_per_batch <= 0:
-        raise InputError(f"--tokens-per-batch must be positive, got {tokens_per_batch}")
-    records, skipped = read_fasta(fasta, skip_invalid=skip_invalid)
-    loaded = load_for_inference(model, device)
+    options = {"per_residue": per_residue, "tokens_per_batch": tokens_per_batch,
+               "shard_tokens": shard_tokens, "precision": precision,
+               "float32_matmul_precision": float32_matmul_precision,
+               "skip_invalid": skip_invalid}  # fmt: skip
+    for option, value in (
+        ("--tokens-per-batch", tokens_per_batch),
+        ("--shard-tokens", shard_tokens),
+    ):
+        if value <= 0:
+            raise InputError(f"{option} must be positive, got {value}")
+    workers = start_workers(device, devices, num_nodes)
+    folder = shard_folder(out)
+    loaded: LoadedModel | None = None
+    setup: _Setup | str = ""
+    if workers.is_main:
+        try:
+            loaded, setup = _prepare(fasta, model, folder, workers, layers=layers,
+                                     options=options, overwrite=overwrite)  # fmt: skip
+        except InputError as error:
+            setup = str(error)
+    setup = workers.broadcast(setup)
+    if isinstance(setup, str):
+        workers.close()  # every rank has the news: leave together, or gloo aborts the exit
+        if workers.is_main:
+            raise InputError(setup)
+        raise SystemExit(INPUT_ERROR)  # rank 0 reports it
+    if loaded is None:  # the other ranks load the model rank 0 found
+        loaded = load_for_inference(setup.model, workers.device)
+    config, resolved, plan = loaded.config, setup.layers, setup.plan
+    share = setup.shares[workers.rank]
+    digest = run_digest(setup.key)
+    try:
+        with runtime.float32_matmul_precision(float32_matmul_precision):
+            seconds = _embed_shards(loaded, fasta, folder, share, digest, layers=resolved,
+                                    per_residue=per_residue, tokens_per_batch=tokens_per_batch,
+                                    precision=precision, progress=workers.is_main)  # fmt: skip
+    except BaseException:
+        if workers.world_size == 1:
+            discard_if_empty(folder)
+        raise
+    workers.barrier()
+    if workers.is_main:
+        attrs = {
+            "model": str(loaded.path), "model_id": setup.key["model_id"],
+            "model_config": json.dumps(config.to_dict()), "mode": loaded.mode,
+            "layers": np.array(resolved, dtype=np.int64), "precision": precision,
+            "float32_matmul_precision": float32_matmul_precision, "per_residue": per_residue,
+            "protperf_version": __version__, "num_sequences": plan.proteins,
+            "num_residues": plan.residues, "skipped_ids": [item.id for item in plan.skipped],
+            "fasta": str(fasta),
+        }  # fmt: skip
+        merge_shards(folder, plan, out, attrs=attrs, overwrite=overwrite)
+        done = sum(shard.residues for shard in share)
+        processes = f" on {workers.world_size} processes" if workers.world_size > 1 else ""
+        print(
+            f"embedded {plan.proteins:,} proteins ({plan.residues:,} residues) with "
+            f"{loaded.describe()}{processes}; this process: {done:,} residues in {seconds:.1f} s "
+            f"({done / max(seconds, 1e-9):,.0f} residues/s); {time.perf_counter() - start:.1f} s "
+            "in all"
+            + (f"; resumed {setup.resumed} of {len(plan.shards)} shards" if setup.resumed else "")
+            + (f"; skipped {len(plan.skipped)} invalid record(s)" if plan.skipped else ""),
+            file=sys.stderr,
+        )
+        print(out)
+    workers.close()
+    return out
+
+
+@dataclass
+class _Setup:
+    """What rank 0 found and tells the others: the model's path, the resolved layers, the
+    plan, each rank's shards, how many were written already, and the run's arguments."""
+
+    model: str
+    layers: list[int]
+    plan: Plan
+    shares: list[list[Shard]]
+    resumed: int
+    key: dict[str, object]
+
+
+def _prepare(
+    fasta: Path,
+    model: str | None,
+    folder: Path,
+    workers: Workers,
+    *,
+    layers: Sequence[int],
+    options: dict[str, object],
+    overwrite: bool,
+) -> tuple[LoadedModel, _Setup]:
+    """Rank 0's part: find the model, validate and plan the FASTA file (before the model is
+    read), load the model, ready the shard folder and share out the shards not yet written."""
+    path = locate_model(model)
+    plan = plan_shards(fasta, shard_tokens=options["shard_tokens"],
+                       skip_invalid=options["skip_invalid"])  # fmt: skip
+    loaded = load_for_inference(path, workers.device)
     config = loaded.config
     resolved = resolve_layers(layers, config.depth)
-    if config.positions == "learned":
-        limit = config.max_length - 2
-        for number, record in enumerate(records, start=1):
-            if len(record.sequence) > limit:
-                raise InputError(
-                    f"{fasta}: record {number} ({record.id!r}) has {len(record.sequence)} "
-                    f"residues; this model's learned positions read at most {limit}"
-                )
-    for item in skipped:
+    if config.positions == "learned" and plan.longest.length > config.max_length - 2:
+        raise InputError(
+            f"{fasta}: record {plan.longest.number} ({plan.longest.id!r}) has "
+            f"{plan.longest.length} residues; this model's learned positions read at most "
+            f"{config.max_length - 2}"
+        )
+    for item in plan.skipped:
         print(f"skipped record {item.number} ({item.id!r}): {item.reason}", file=sys.stderr)
+    stat = fasta.stat()
+    key = {"fasta": str(fasta.resolve()), "fasta_bytes": stat.st_size,
+           "fasta_mtime_ns": stat.st_mtime_ns, "model_id": weights_fingerprint(loaded.model),
+           "layers": resolved, "device_type": workers.device.type,
+           "protperf_version": __version__, **options}  # fmt: skip
+    open_shard_folder(folder, key, overwrite=overwrite)
+    done = finished_shards(folder, plan.shards, run_digest(key))
+    missing = [shard for shard in plan.shards if shard.index not in done]
+    shares = assign_shards(missing, workers.world_size)
+    return loaded, _Setup(str(path), resolved, plan, shares, len(done), key)
 
+
+def _embed_shards(
+    loaded: LoadedModel,
+    fasta: Path,
+    folder: Path,
+    shards: Sequence[Shard],
+    digest: str,
+    *,
+    layers: Sequence[int],
+    per_residue: bool,
+    tokens_per_batch: int,
+    precision: Precision,
+    progress: bool,
+) -> float:
+    """Embed and write this process's shards, in file order; returns the seconds it took."""
     from tqdm import tqdm
 
-    sequences = [encode(record.sequence) for record in records]
-    total = sum(len(s) for s in sequences)
-    attrs = {
-        "model": str(loaded.path),
-        "model_id": weights_fingerprint(loaded.model),
-        "model_config": json.dumps(config.to_dict()),
-        "mode": loaded.mode,
-        "layers": np.array(resolved, dtype=np.int64),
-        "precision": precision,
-        "float32_matmul_precision": float32_matmul_precision,
-        "per_residue": per_residue,
-        "protperf_version": __version__,
-        "num_sequences": len(records),
-        "num_residues": total,
-        "skipped_ids": [item.id for item in skipped],
-        "fasta": str(fasta),
-    }
-    items = embed_tokens(
-        loaded.model,
-        sequences,
-        layers=resolved,
-        tokens_per_batch=tokens_per_batch,
-        per_residue=per_residue,
-        device=loaded.device,
-        precision=precision,
-    )
+    started = time.perf_counter()
+    total = sum(shard.residues for shard in shards)
     with (
-        runtime.float32_matmul_precision(float32_matmul_precision),
-        tqdm(
-            total=total, unit="res", unit_scale=True, desc="embed", file=sys.stderr, leave=False
-        ) as progress,
-    ):
-        embed_start = time.perf_counter()
-        write_embeddings(
-            out,
-            records,
-            items,
-            dim=config.dim,
-            num_layers=len(resolved),
-            per_residue=per_residue,
-            attrs=attrs,
-            progress=progress,
-            overwrite=overwrite,
-        )
-        seconds = time.perf_counter() - embed_start
-    print(
-        f"embedded {len(records):,} proteins ({total:,} residues) with {loaded.describe()} "
-        f"in {seconds:.1f} s ({total / max(seconds, 1e-9):,.0f} residues/s; "
-        f"{time.perf_counter() - start:.1f} s in all)"
-        + (f"; skipped {len(skipped)} invalid record(s)" if skipped else ""),
-        file=sys.stderr,
-    )
-    print(out)
-    return out
+        FastaReader(fasta) as reader,
+        tqdm(total=total, unit="res", unit_scale=True, desc="embed", file=sys.stderr,
+             leave=False, disable=not progress) as bar,
+    ):  # fmt: skip
+        for shard in shards:
+            records = reader.records(shard.offset, shard.records)
+            sequences = [encode(record.sequence) for record in records]
+            items = embed_tokens(loaded.model, sequences, layers=layers,
+                                 tokens_per_batch=tokens_per_batch, per_residue=per_residue,
+                                 device=loaded.device, precision=precision)  # fmt: skip
+            write_embeddings(folder / shard.name, records, items, dim=loaded.config.dim,
+                             num_layers=len(layers), per_residue=per_residue,
+                             attrs={"run": digest, "shard": shard.index}, progress=bar)  # fmt: skip
+    return time.perf_counter() - started
 
 
 def main(argv: list[str]) -> int:

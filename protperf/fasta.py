@@ -1,9 +1,12 @@
-"""User FASTA files in and out (biopython), validated against the model's amino-acid alphabet.
+"""User FASTA files in and out, validated against the model's amino-acid alphabet, in one pass.
 
-:func:`read_fasta` reads plain or gzipped FASTA (detected from the content, not the name) and
-returns records whose sequences are upper-case residue letters with a trailing ``*`` (stop codon)
-removed. Anything a model cannot read raises :class:`FastaError` naming the file and the record:
-a missing, empty, binary or non-FASTA file, a truncated gzip, a record without an id or without
+:func:`scan_fasta` streams a plain or gzipped FASTA file (detected from the content, not the
+name), record by record, holding one record at a time, and gives each record's byte offset in
+the (decompressed) file, so that a later pass can start reading at any record
+(:class:`FastaReader`). :func:`read_fasta` is the whole list. Records read as Biopython reads
+them; sequences are upper-case residue letters with a trailing ``*`` (stop codon) removed.
+Anything a model cannot read raises :class:`FastaError` naming the file and the record: a
+missing, empty, binary or non-FASTA file, a truncated gzip, a record without an id or without
 a sequence, letters outside the vocabulary (``ACDEFGHIKLMNPQRSTVWY`` and ``BOUXZ``, any case),
 and duplicate ids. With ``skip_invalid=True`` records without a sequence or with invalid letters
 are skipped and returned with the reason instead.
@@ -11,18 +14,22 @@ are skipped and returned with the reason instead.
 
 from __future__ import annotations
 
+import array
 import gzip
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from protperf.errors import InputError
 from protperf.tokenizer import RESIDUES
 
 ALPHABET = frozenset(RESIDUES)
 MAX_LISTED = 10  # problems spelled out in one error message
+CHUNK_BYTES = 1 << 20  # read size: memory is one chunk plus the longest record
+_ALPHABET_BYTES = RESIDUES.encode("ascii")
+_WHITESPACE = b" \t\r\n\v\f"
 
 
 class FastaError(InputError):
@@ -47,12 +54,21 @@ class SkippedRecord:
     reason: str
 
 
-def _open_text(path: Path) -> TextIO:
+@dataclass(frozen=True)
+class ScannedRecord:
+    """A record as :func:`scan_fasta` meets it: its 1-based number, the byte offset of its ``>``
+    in the (decompressed) file, and the record, or why it was skipped."""
+
+    number: int
+    offset: int
+    record: FastaRecord | None
+    skipped: SkippedRecord | None = None
+
+
+def _open_binary(path: Path) -> BinaryIO:
     with open(path, "rb") as raw:
         magic = raw.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="utf-8", newline=None)
-    return open(path, encoding="utf-8", newline=None)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
 def _name(number: int, record_id: str) -> str:
@@ -74,68 +90,135 @@ def _problem(sequence: str) -> str | None:
     )
 
 
-def read_fasta(
-    path: str | Path, *, skip_invalid: bool = False
-) -> tuple[list[FastaRecord], list[SkippedRecord]]:
-    """Read and validate a FASTA file (plain or gzipped).
+def _split_records(handle: BinaryIO, offset: int) -> Iterator[tuple[int, bytes]]:
+    """(offset of the ``>``, the record's bytes after it) for each record from ``offset``,
+    where a record starts; each chunk is searched once, so a long record costs linear time."""
+    handle.seek(offset)
+    buffer = bytearray()
+    base, start, searched = offset, 0, 1  # buffer[0] is at ``base``; a record begins at start
+    while chunk := handle.read(CHUNK_BYTES):
+        if start:
+            del buffer[:start]
+            base, searched, start = base + start, searched - start, 0
+        buffer += chunk
+        while (cut := buffer.find(b"\n>", searched)) >= 0:
+            yield base + start, bytes(buffer[start + 1 : cut + 1])
+            start, searched = cut + 1, cut + 2
+        searched = max(len(buffer) - 1, searched)
+    if len(buffer) > start:
+        yield base + start, bytes(buffer[start + 1 :])
 
-    Returns (records in file order, records skipped with ``skip_invalid``). Raises
-    :class:`FastaError` as described in the module docstring; the file is read completely
-    before anything is returned, so a caller can validate before writing any output.
+
+def _parse(path: Path, data: bytes) -> tuple[str, str, bytes]:
+    """(id, description, residues: upper case, whitespace and a final ``*`` removed)."""
+    title_line, _, lines = data.partition(b"\n")
+    try:
+        description = title_line.decode("utf-8").rstrip()
+    except UnicodeDecodeError as error:
+        raise FastaError(
+            f"{path}: not a FASTA text file (binary content: {error.reason})"
+        ) from error
+    words = description.split(None, 1)
+    sequence = lines.translate(None, _WHITESPACE).upper()
+    if sequence.endswith(b"*"):
+        sequence = sequence[:-1]
+    return (words[0] if words else ""), description, sequence
+
+
+def _check(path: Path, number: int, record_id: str, sequence: bytes) -> str | None:
+    """Why the residues are unusable, or None; binary content is a :class:`FastaError`."""
+    if sequence and not sequence.translate(None, _ALPHABET_BYTES):
+        return None
+    try:
+        text = sequence.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FastaError(
+            f"{path}: not a FASTA text file (binary content in {_name(number, record_id)}: "
+            f"{error.reason})"
+        ) from error
+    return _problem(text)
+
+
+class FastaReader:
+    """Records read again from the offsets :func:`scan_fasta` gave, with one open handle (a
+    gzipped file is decompressed once when the offsets asked for only grow)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._handle = _open_binary(self.path)
+
+    def records(self, offset: int, count: int) -> list[FastaRecord]:
+        """The valid records among the ``count`` records from the one at ``offset`` (invalid
+        ones, already reported by the scan, are left out)."""
+        records: list[FastaRecord] = []
+        split = _split_records(self._handle, offset)
+        for _, (_, data) in zip(range(count), split, strict=False):
+            record_id, description, sequence = _parse(self.path, data)
+            if _check(self.path, 0, record_id, sequence) is None and record_id:
+                records.append(FastaRecord(record_id, description, sequence.decode("ascii")))
+        return records
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> FastaReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def scan_fasta(path: str | Path, *, skip_invalid: bool = False) -> Iterator[ScannedRecord]:
+    """Stream and validate a FASTA file (plain or gzipped), one record held at a time.
+
+    Yields every record in file order (a skipped one with its reason, with ``skip_invalid``).
+    Raises :class:`FastaError` as described in the module docstring; errors that need the
+    whole file (invalid records without ``skip_invalid``, duplicate ids, nothing usable) are
+    raised after the last record, so a caller that must validate before writing anything
+    consumes the whole scan first. Memory: one chunk, the longest record and 8 bytes per id.
     """
     path = Path(path)
     if not path.exists():
         raise FastaError(f"{path}: no such file")
     if not path.is_file():
         raise FastaError(f"{path}: not a file")
-    from Bio import SeqIO
-
-    records: list[FastaRecord] = []
-    skipped: list[SkippedRecord] = []
+    id_hashes = array.array("q")
     problems: list[str] = []
-    seen: dict[str, int] = {}
-    number, last = 0, ""
+    valid = skipped = number = 0
+    last = ""
     try:
-        with _open_text(path) as handle:
-            for number, record in enumerate(SeqIO.parse(handle, "fasta"), start=1):
-                last = record.id
-                if not record.id:
+        with _open_binary(path) as handle:
+            first = handle.read(1)
+            if first and first != b">":
+                raise FastaError(
+                    f"{path}: not a FASTA file (the first line does not start with '>')"
+                )
+            for number, (offset, data) in enumerate(_split_records(handle, 0), start=1):
+                record_id, description, sequence = _parse(path, data)
+                last = record_id
+                if not record_id:
                     raise FastaError(f"{path}: record {number} has no id (a bare '>' line)")
-                if record.id in seen:
-                    raise FastaError(
-                        f"{path}: duplicate id {record.id!r} in records {seen[record.id]} and "
-                        f"{number}; ids must be unique"
-                    )
-                seen[record.id] = number
-                sequence = "".join(str(record.seq).split()).upper()
-                if sequence.endswith("*"):
-                    sequence = sequence[:-1]
-                problem = _problem(sequence)
+                id_hashes.append(hash(record_id))
+                problem = _check(path, number, record_id, sequence)
                 if problem is None:
-                    records.append(FastaRecord(record.id, record.description, sequence))
+                    valid += 1
+                    record = FastaRecord(record_id, description, sequence.decode("ascii"))
+                    yield ScannedRecord(number, offset, record)
                 elif skip_invalid:
-                    skipped.append(SkippedRecord(number, record.id, problem))
+                    skipped += 1
+                    yield ScannedRecord(
+                        number, offset, None, SkippedRecord(number, record_id, problem)
+                    )
                 else:
-                    problems.append(f"{_name(number, record.id)}: {problem}")
+                    problems.append(f"{_name(number, record_id)}: {problem}")
     except FastaError:
         raise
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         where = f"after {_name(number, last)}" if number else "before the first record"
         raise FastaError(f"{path}: truncated or corrupt gzip {where} ({error})") from error
-    except UnicodeDecodeError as error:
-        raise FastaError(
-            f"{path}: not a FASTA text file (binary content: {error.reason})"
-        ) from error
-    except ValueError as error:  # biopython: text before the first '>'
-        if number:
-            raise FastaError(
-                f"{path}: malformed FASTA after {_name(number, last)}: {error}"
-            ) from error
-        raise FastaError(
-            f"{path}: not a FASTA file (the first line does not start with '>')"
-        ) from error
     if number == 0:
         raise FastaError(f"{path}: no FASTA records (empty file?)")
+    _check_unique_ids(path, id_hashes)
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED])
         more = (
@@ -145,8 +228,48 @@ def read_fasta(
             f"{path}: {len(problems)} invalid record(s) (pass --skip-invalid to skip them):\n"
             f"  {listed}{more}"
         )
-    if not records:
-        raise FastaError(f"{path}: every record is invalid ({len(skipped)} skipped)")
+    if not valid:
+        raise FastaError(f"{path}: every record is invalid ({skipped} skipped)")
+
+
+def _check_unique_ids(path: Path, id_hashes: array.array) -> None:
+    """Raise for the first repeated id. Ids are kept as 8-byte hashes; only when two hashes
+    are equal is the file read again, for the ids behind them."""
+    import numpy as np
+
+    hashes = np.sort(np.frombuffer(id_hashes, dtype=np.int64))
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not repeated:
+        return
+    seen: dict[str, int] = {}
+    with _open_binary(path) as handle:
+        for number, (_, data) in enumerate(_split_records(handle, 0), start=1):
+            record_id = _parse(path, data)[0]
+            if hash(record_id) not in repeated:
+                continue
+            if record_id in seen:
+                raise FastaError(
+                    f"{path}: duplicate id {record_id!r} in records {seen[record_id]} and "
+                    f"{number}; ids must be unique"
+                )
+            seen[record_id] = number
+
+
+def read_fasta(
+    path: str | Path, *, skip_invalid: bool = False
+) -> tuple[list[FastaRecord], list[SkippedRecord]]:
+    """Read and validate a FASTA file (plain or gzipped) whole: :func:`scan_fasta` as lists.
+
+    Returns (records in file order, records skipped with ``skip_invalid``); the file is read
+    completely before anything is returned, so a caller can validate before writing any output.
+    """
+    records: list[FastaRecord] = []
+    skipped: list[SkippedRecord] = []
+    for item in scan_fasta(path, skip_invalid=skip_invalid):
+        if item.record is not None:
+            records.append(item.record)
+        else:
+            skipped.append(item.skipped)
     return records, skipped
 
 

@@ -47,7 +47,7 @@ class LoadedModel:
         )
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; a clear error when CUDA is missing."""
     try:
         resolved = torch.device(device)
@@ -58,29 +58,38 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def load_for_inference(
-    name_or_path: str | Path | None, device: str = "cpu", *, causal: bool | None = None
-) -> LoadedModel:
-    """Load a model by packaged name or path (a run folder, an export folder or a Lightning
-    ``.ckpt``; nothing unpickled), in eval mode on ``device``.
+def locate_model(name_or_path: str | Path | None, *, causal: bool | None = None) -> Path:
+    """The folder or file of a model given by packaged name or path, without reading it.
 
     None: the default model (:func:`protperf.pretrained.default_model`, a causal one when
-    ``causal``), named on stderr. Any loading failure is an :class:`InputError` naming the model.
+    ``causal``), named on stderr. A model that does not exist is an :class:`InputError`.
     """
-    from protperf.export import read_model
     from protperf.pretrained import RUNS_DIR, default_model, packaged_models, resolve_model
 
-    resolved = resolve_device(device)
-    if name_or_path is None:
-        path = default_model(causal=causal)
-        packaged = {folder: name for name, folder in packaged_models().items()}
-        if path in packaged:
-            print(f"using the packaged model {packaged[path]} (no --model given and no "
-                  f"export under {RUNS_DIR}/)", file=sys.stderr)  # fmt: skip
-        else:
-            print(f"using --model {path} (the most recent export)", file=sys.stderr)
+    if name_or_path is not None:
+        return resolve_model(name_or_path)
+    path = default_model(causal=causal)
+    packaged = {folder: name for name, folder in packaged_models().items()}
+    if path in packaged:
+        print(f"using the packaged model {packaged[path]} (no --model given and no "
+              f"export under {RUNS_DIR}/)", file=sys.stderr)  # fmt: skip
     else:
-        path = resolve_model(name_or_path)
+        print(f"using --model {path} (the most recent export)", file=sys.stderr)
+    return path
+
+
+def load_for_inference(
+    name_or_path: str | Path | None, device: str | torch.device = "cpu", *,
+    causal: bool | None = None,
+) -> LoadedModel:  # fmt: skip
+    """Load a model by packaged name or path (a run folder, an export folder or a Lightning
+    ``.ckpt``; nothing unpickled), in eval mode on ``device``; None is the default model
+    (:func:`locate_model`). Any loading failure is an :class:`InputError` naming the model.
+    """
+    from protperf.export import read_model
+
+    resolved = resolve_device(device)
+    path = locate_model(name_or_path, causal=causal)
     try:
         model = read_model(path, device=resolved)
     except InputError as error:  # names the file at fault: a damaged checkpoint or export

@@ -104,6 +104,18 @@ def tune_process(*, runs_models: bool = True) -> None:
         flush_denormals()
 
 
+def no_primitive_cache() -> None:
+    """Turn off oneDNN's cache of compiled CPU kernels (unless ONEDNN_PRIMITIVE_CACHE_CAPACITY
+    is set), for verbs whose batches take ever new shapes (embed, score).
+
+    The cache keeps up to 1,024 kernels, one per shape, at a few hundred kB each: embedding
+    proteins of every length, the process grew by about 15 MB per million residues until it was
+    full, while the kernels were not reused often enough to save time (the same speed without
+    it). Takes effect when called before the process's first oneDNN operation.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+
+
 @contextlib.contextmanager
 def float32_matmul_precision(precision: MatmulPrecision) -> Iterator[None]:
     """``torch.set_float32_matmul_precision(precision)`` inside the block, the previous after.

@@ -424,6 +424,7 @@ def score(
         overwrite: replace an existing output file.
     """
     start = time.perf_counter()
+    runtime.no_primitive_cache()
     fasta = Path(fasta)
     mutations = None if mutations is None else Path(mutations)
     out = (

@@ -244,6 +244,7 @@ def test_bad_options_and_a_failure_midway_leave_the_old_output(
     status = run_embed(fasta, "--model", models["bi-softmax"], *replace, "--tokens-per-batch", 12)
     assert status == 130 and calls["n"] == 2
     assert out.read_bytes() == b"previous results" and leftovers(tmp_path) == []
+    assert not (tmp_path / "p.h5.shards").exists()  # no shard finished: nothing to resume
     monkeypatch.setattr(PerformerLM, "forward", forward)
     assert run_embed(fasta, "--model", models["bi-softmax"], *replace) == 0
     with h5py.File(out) as f:

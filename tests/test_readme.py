@@ -400,7 +400,9 @@ def run_protperf_command(argv: list[str]) -> tuple[str, str]:
     verb = argv[0]
     before = {p.parent.parent for p in Path().glob("runs/*/export/config.json")}
     run_argv = _shrink_train(argv) if verb == "train" else argv
-    if "--wandb" in argv:  # wandb's service and exit hooks stay out of the test process
+    # wandb's service and exit hooks stay out of the test process, and --devices starts
+    # processes that run the command line again (sys.argv: pytest's, in this process).
+    if "--wandb" in argv or "--devices" in argv:
         done = subprocess.run(
             [sys.executable, "-m", "protperf.cli", *run_argv],
             env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},

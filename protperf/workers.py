@@ -1,0 +1,98 @@
+"""The processes of an inference verb: one, or many on Lightning Fabric (devices and nodes).
+
+``protperf train`` scales out with Lightning's Trainer; the inference verbs use Lightning Fabric,
+which reads the same cluster environments: ``--devices N`` on one machine starts N-1 more
+processes running the same command line, and under ``torchrun`` or SLURM the ranks come from the
+launcher's variables. One process (the default) imports no Lightning at all, so a short job
+starts as fast as before.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from protperf.errors import InputError
+from protperf.inference import resolve_device
+
+#: How long a rank waits in a collective: the others wait while rank 0 checks the whole input
+#: (about 20 minutes for 100 M proteins), and ranks that finish their share wait for the slowest
+#: (shares are equal in tokens, so on equal devices a shard's time or so). Past it the run stops
+#: with an error rather than hang on a rank that died; started again, it resumes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=4)
+#: Launcher variables that say this process is one of several.
+_WORLD_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS")
+
+
+@dataclass
+class Workers:
+    """This process's place among the workers: rank, their number, its device, and collectives
+    (plain functions for one process)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    broadcast: Callable[[Any], Any] = field(default=lambda obj: obj)
+    barrier: Callable[[], None] = field(default=lambda: None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        """Leave the process group once every rank is done with collectives (a gloo group
+        left for the interpreter's exit can abort the process there)."""
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launched_by_cluster() -> bool:
+    """Whether torchrun or SLURM started this process as one of several."""
+    return any(int(os.environ.get(name, "1") or 1) > 1 for name in _WORLD_VARIABLES)
+
+
+def start_workers(device: str, devices: int, num_nodes: int) -> Workers:
+    """One process on ``device`` (cpu, cuda or cuda:N), or ``devices`` x ``num_nodes`` of them
+    on the accelerator that ``device`` names, started (or joined) through Lightning Fabric."""
+    if devices < 1 or num_nodes < 1:
+        raise InputError(
+            f"--devices and --num-nodes must be at least 1, got {devices}, {num_nodes}"
+        )
+    resolved = resolve_device(device)
+    if devices == 1 and num_nodes == 1 and not launched_by_cluster():
+        return Workers(rank=0, world_size=1, device=resolved)
+    if resolved.index is not None:
+        raise InputError(
+            f"--device {device} names one GPU; with --devices give the kind alone (cuda)"
+        )
+    if resolved.type == "cuda" and devices > torch.cuda.device_count():
+        raise InputError(
+            f"--devices {devices}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    from lightning_fabric import Fabric
+    from lightning_fabric.strategies import DDPStrategy
+
+    try:
+        fabric = Fabric(
+            accelerator=resolved.type,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=DDPStrategy(timeout=COLLECTIVE_TIMEOUT),
+        )
+    except (ValueError, RuntimeError) as error:  # settings the launcher's contradict
+        raise InputError(f"--devices {devices} --num-nodes {num_nodes}: {error}") from error
+    fabric.launch()
+    return Workers(
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        device=fabric.device,
+        broadcast=lambda obj: fabric.broadcast(obj, src=0),
+        barrier=fabric.barrier,
+    )
