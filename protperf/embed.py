@@ -48,9 +48,9 @@ from torch import Tensor
 
 from protperf import __version__, runtime
 from protperf.commandline import INPUT_ERROR, run_verb
-from protperf.durable import atomic_file, check_output_file
+from protperf.durable import check_output_file
 from protperf.errors import InputError
-from protperf.fasta import FastaReader, FastaRecord
+from protperf.fasta import FastaReader
 from protperf.inference import (
     LoadedModel,
     Precision,
@@ -73,6 +73,7 @@ from protperf.shards import (
     plan_shards,
     run_digest,
     shard_folder,
+    write_shard,
 )
 from protperf.tokenizer import batch_encode, encode
 from protperf.workers import Workers, start_workers
@@ -196,55 +197,6 @@ def default_output(fasta: Path) -> Path:
         name = name[:-3]
     stem = Path(name).stem if Path(name).suffix.lower() in _FASTA_SUFFIXES else name
     return Path(f"{stem}.h5")
-
-
-def write_embeddings(
-    out: Path,
-    records: Sequence[FastaRecord],
-    items: Iterator[tuple[int, Tensor, Tensor | None]],
-    *,
-    dim: int,
-    num_layers: int,
-    per_residue: bool,
-    attrs: dict[str, object],
-    progress: object | None = None,
-    overwrite: bool = True,
-) -> None:
-    """Write the HDF5 layout of the module docstring from :func:`embed_tokens`'s items.
-
-    The file is written as ``.<name>.<pid>.tmp`` beside ``out`` and renamed onto ``out`` only
-    when complete; on any error or interrupt the temporary file is removed. Without
-    ``overwrite`` an ``out`` that appeared meanwhile is kept (an :class:`InputError`).
-    """
-    import h5py
-
-    lengths = np.array([len(r.sequence) for r in records], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    layer_axis = (num_layers,) if num_layers > 1 else ()
-    means = np.zeros((len(records), *layer_axis, dim), dtype=np.float32)
-    with atomic_file(out, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
-        strings = h5py.string_dtype()
-        f.create_dataset("ids", data=[r.id for r in records], dtype=strings)
-        f.create_dataset("descriptions", data=[r.description for r in records], dtype=strings)
-        residues_ds = None
-        if per_residue:
-            f.create_dataset("offsets", data=offsets)
-            residues_ds = f.create_dataset(
-                "residues", shape=(int(offsets[-1]), *layer_axis, dim), dtype=np.float32
-            )
-        seen = np.zeros(len(records), dtype=bool)
-        for index, mean, residues in items:
-            means[index] = mean.numpy().reshape(means.shape[1:])
-            if residues_ds is not None and residues is not None:
-                rows = residues.numpy().reshape(-1, *residues_ds.shape[1:])
-                residues_ds[offsets[index] : offsets[index + 1]] = rows
-            seen[index] = True
-            if progress is not None:
-                progress.update(int(lengths[index]))
-        if not seen.all():
-            raise RuntimeError(f"{int((~seen).sum())} proteins were not embedded")
-        f.create_dataset("mean", data=means)
-        f.attrs.update(attrs)
 
 
 def embed(
@@ -447,7 +399,7 @@ def _embed_shards(
             items = embed_tokens(loaded.model, sequences, layers=layers,
                                  tokens_per_batch=tokens_per_batch, per_residue=per_residue,
                                  device=loaded.device, precision=precision)  # fmt: skip
-            write_embeddings(folder / shard.name, records, items, dim=loaded.config.dim,
+            write_shard(folder / shard.name, records, items, dim=loaded.config.dim,
                              num_layers=len(layers), per_residue=per_residue,
                              attrs={"run": digest, "shard": shard.index}, progress=bar)  # fmt: skip
     return time.perf_counter() - started

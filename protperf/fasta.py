@@ -140,23 +140,43 @@ def _check(path: Path, number: int, record_id: str, sequence: bytes) -> str | No
 
 
 class FastaReader:
-    """Records read again from the offsets :func:`scan_fasta` gave, with one open handle (a
-    gzipped file is decompressed once when the offsets asked for only grow)."""
+    """Records read again from the offsets :func:`scan_fasta` gave, with one open handle.
+
+    Reading goes on from where the last call stopped when the next offset asked for is the next
+    record (one process reading consecutive shards), or skips ahead to it (a gzipped file is
+    decompressed through the gap). Only an offset behind the last one read starts over: a
+    gzipped file then decompresses again from its start, so ask for offsets in file order.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._handle = _open_binary(self.path)
+        self._split: Iterator[tuple[int, bytes]] = iter(())
+        self._next: tuple[int, bytes] | None = None  # the split's next record, not yet used
 
     def records(self, offset: int, count: int) -> list[FastaRecord]:
         """The valid records among the ``count`` records from the one at ``offset`` (invalid
         ones, already reported by the scan, are left out)."""
+        self._go_to(offset)
         records: list[FastaRecord] = []
-        split = _split_records(self._handle, offset)
-        for _, (_, data) in zip(range(count), split, strict=False):
-            record_id, description, sequence = _parse(self.path, data)
-            if _check(self.path, 0, record_id, sequence) is None and record_id:
+        for _ in range(count):
+            if self._next is None:
+                break
+            record_id, description, sequence = _parse(self.path, self._next[1])
+            if record_id and _check(self.path, 0, record_id, sequence) is None:
                 records.append(FastaRecord(record_id, description, sequence.decode("ascii")))
+            self._next = next(self._split, None)
         return records
+
+    def _go_to(self, offset: int) -> None:
+        """Make the record at ``offset`` the next one."""
+        if self._next is not None and self._next[0] <= offset < self._handle.tell():
+            while self._next is not None and self._next[0] < offset:  # in the chunk read ahead
+                self._next = next(self._split, None)
+            if self._next is not None and self._next[0] == offset:
+                return
+        self._split = _split_records(self._handle, offset)
+        self._next = next(self._split, None)
 
     def close(self) -> None:
         self._handle.close()
@@ -237,7 +257,8 @@ def _check_unique_ids(path: Path, id_hashes: array.array) -> None:
     are equal is the file read again, for the ids behind them."""
     import numpy as np
 
-    hashes = np.sort(np.frombuffer(id_hashes, dtype=np.int64))
+    hashes = np.frombuffer(id_hashes, dtype=np.int64)
+    hashes.sort()  # in place: no second copy of 8 bytes per record
     repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
     if not repeated:
         return

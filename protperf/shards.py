@@ -16,13 +16,17 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protperf.durable import atomic_file, recover_folder, remove_stale_temporaries, sync_tree
 from protperf.errors import InputError
-from protperf.fasta import SkippedRecord, scan_fasta
+from protperf.fasta import FastaRecord, SkippedRecord, scan_fasta
+
+if TYPE_CHECKING:
+    import torch
 
 #: Tokens a shard holds by default (residues plus <bos>/<eos> per protein): a few seconds of a
 #: GPU, so that little is lost to a kill, and few enough files for tens of millions of proteins.
@@ -197,6 +201,58 @@ def finished_shards(folder: Path, shards: Sequence[Shard], digest: str) -> set[i
         else:
             path.unlink()
     return done
+
+
+def write_shard(
+    out: Path,
+    records: Sequence[FastaRecord],
+    items: Iterator[tuple[int, torch.Tensor, torch.Tensor | None]],
+    *,
+    dim: int,
+    num_layers: int,
+    per_residue: bool,
+    attrs: dict[str, object],
+    progress: object | None = None,
+    overwrite: bool = True,
+) -> None:
+    """Write a shard's proteins in the layout of :mod:`protperf.embed`'s output, from
+    :func:`protperf.embed.embed_tokens`'s items (index into ``records``, mean (K, D), residues
+    (L_i, K, D) or None), which may come in any order; ``progress.update`` gets the residues.
+
+    The file is written as ``.<name>.<pid>.tmp`` beside ``out`` and renamed onto ``out`` only
+    when complete; on any error or interrupt the temporary file is removed. Without
+    ``overwrite`` an ``out`` that appeared meanwhile is kept (an :class:`InputError`).
+    """
+    import h5py
+    import numpy as np
+
+    lengths = np.array([len(r.sequence) for r in records], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    layer_axis = (num_layers,) if num_layers > 1 else ()
+    means = np.zeros((len(records), *layer_axis, dim), dtype=np.float32)
+    with atomic_file(out, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        strings = h5py.string_dtype()
+        f.create_dataset("ids", data=[r.id for r in records], dtype=strings)
+        f.create_dataset("descriptions", data=[r.description for r in records], dtype=strings)
+        residues_ds = None
+        if per_residue:
+            f.create_dataset("offsets", data=offsets)
+            residues_ds = f.create_dataset(
+                "residues", shape=(int(offsets[-1]), *layer_axis, dim), dtype=np.float32
+            )
+        seen = np.zeros(len(records), dtype=bool)
+        for index, mean, residues in items:
+            means[index] = mean.numpy().reshape(means.shape[1:])
+            if residues_ds is not None and residues is not None:
+                rows = residues.numpy().reshape(-1, *residues_ds.shape[1:])
+                residues_ds[offsets[index] : offsets[index + 1]] = rows
+            seen[index] = True
+            if progress is not None:
+                progress.update(int(lengths[index]))
+        if not seen.all():
+            raise RuntimeError(f"{int((~seen).sum())} proteins were not embedded")
+        f.create_dataset("mean", data=means)
+        f.attrs.update(attrs)
 
 
 def merge_shards(

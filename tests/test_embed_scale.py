@@ -72,6 +72,20 @@ def assert_same_file(a: Path, b: Path, *, except_attrs: tuple[str, ...] = ()) ->
         assert np.array_equal(first[name], second[name]), name
 
 
+class SeekLog:
+    """A file object that records each seek: (position before, target)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.seeks = handle, []
+
+    def seek(self, target: int) -> int:
+        self.seeks.append((self.handle.tell(), target))
+        return self.handle.seek(target)
+
+    def __getattr__(self, name: str):
+        return getattr(self.handle, name)
+
+
 def test_the_plan_cuts_by_tokens_and_covers_every_record(fasta, tmp_path):
     records = fasta.read_text().split(">")[1:]
     bad = {0: "empty\n\n", 57: "gappy\nMKT-ACD\n", len(records): "last\nMK1\n"}
@@ -99,6 +113,13 @@ def test_the_plan_cuts_by_tokens_and_covers_every_record(fasta, tmp_path):
             assert shard.tokens <= budget or shard.proteins == 1
             read.extend(part)
     assert read == valid
+    # Every other shard (one rank's share), read forward: the gzip stream never starts over.
+    with FastaReader(mixed) as reader:
+        reader._handle = handle = SeekLog(reader._handle)
+        share = [r for s in plan.shards[1::2] for r in reader.records(s.offset, s.records)]
+    assert handle.seeks and all(target >= position for position, target in handle.seeks)
+    ends = np.cumsum([0] + [s.proteins for s in plan.shards])
+    assert share == [r for i in range(1, len(plan.shards), 2) for r in valid[ends[i] : ends[i + 1]]]
     # Greedy: each shard but the last is full, the next protein would not have fitted.
     starts = np.cumsum([0] + [s.proteins for s in plan.shards])
     for shard, start in zip(plan.shards[:-1], starts[1:], strict=False):
