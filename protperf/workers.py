@@ -86,9 +86,9 @@ def start_workers(device: str, devices: int, num_nodes: int) -> Workers:
             num_nodes=num_nodes,
             strategy=DDPStrategy(timeout=COLLECTIVE_TIMEOUT),
         )
+        fabric.launch()
     except (ValueError, RuntimeError) as error:  # settings the launcher's contradict
         raise InputError(f"--devices {devices} --num-nodes {num_nodes}: {error}") from error
-    fabric.launch()
     return Workers(
         rank=fabric.global_rank,
         world_size=fabric.world_size,

@@ -212,6 +212,16 @@ def test_bad_input_with_two_processes_is_one_line_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta"]
 
 
+def test_devices_that_contradict_the_launcher_are_one_line(fasta, tmp_path):
+    run = protperf(["embed", fasta, "--model", MODEL, "-o", "out.h5"], tmp_path,
+                   **_slurm_task(0, _free_port()))  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1].startswith(
+        "protperf embed: error: --devices 1 --num-nodes 1: "
+    )
+    assert "--ntasks-per-node=2" in run.stderr and list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_run_resumes_from_the_shards_it_wrote(fasta, tmp_path):
     args = ["embed", fasta, "--model", MODEL, "--shard-tokens", 3000, "--per-residue"]
     clean = protperf([*args, "-o", "clean.h5"], tmp_path)
