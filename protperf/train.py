@@ -22,6 +22,7 @@ from protperf.model import PerformerConfig
 from protperf.objectives import MaskingConfig
 from protperf.pretrained import RUNS_DIR
 from protperf.runtime import MatmulPrecision
+from protperf.workers import close_process_group
 
 #: What ``--concat`` changes in the defaults: the paper's TrEMBL-Concat model and batch.
 CONCAT_PRESET: dict[str, dict[str, Any]] = {
@@ -355,20 +356,6 @@ def build_callbacks(
             )
         )
     return callbacks
-
-
-def close_process_group() -> None:
-    """Destroy the ``torch.distributed`` process group of a finished multi-process run, if any.
-
-    Called once every rank is done with collectives: a gloo group left for the interpreter's
-    exit can abort the process there ("terminate called without an active exception", SIGABRT),
-    so a run that trained and exported correctly would exit non-zero. Not called after an
-    exception: a rank that failed while others wait in a collective would hang in the teardown.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @cache

@@ -45,12 +45,22 @@ class Workers:
         return self.rank == 0
 
     def close(self) -> None:
-        """Leave the process group once every rank is done with collectives (a gloo group
-        left for the interpreter's exit can abort the process there)."""
-        import torch.distributed as dist
+        """Leave the process group once every rank is done with collectives."""
+        close_process_group()
 
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+
+def close_process_group() -> None:
+    """Destroy the ``torch.distributed`` process group of a finished multi-process run, if any.
+
+    Called once every rank is done with collectives: a gloo group left for the interpreter's
+    exit can abort the process there ("terminate called without an active exception", SIGABRT),
+    so a run that finished its work would exit non-zero. Not called after an
+    exception: a rank that failed while others wait in a collective would hang in the teardown.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched_by_cluster() -> bool:

@@ -77,3 +77,13 @@ def write_dataset(
     tok.save_tokenizer_json(out / "tokenizer.json")
     (out / "manifest.json").write_text(json.dumps({"sizes": sizes, "concat_length": concat_length}))
     return out
+
+
+def h5_contents(path: Path) -> dict[str, object]:
+    """Every dataset (``name``) and attribute (``@name``) of an HDF5 file, read whole."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        found: dict[str, object] = {name: f[name][()] for name in f}
+        found.update({f"@{name}": value for name, value in f.attrs.items()})
+    return found

@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from lm_data import h5_contents
 from lm_models import TINY_TRAIN_ARGS, export_random_model
 from safetensors.torch import load_file
 
@@ -270,14 +270,6 @@ def test_train_killed_while_saving_resumes_to_the_same_weights(tiny_lm_data, tmp
 # ---------------------------------------------------------------------------------------------
 
 
-def embeddings(path: Path) -> dict[str, object]:
-    """Every dataset and attribute of an embeddings file."""
-    with h5py.File(path, "r") as f:
-        contents: dict[str, object] = {name: f[name][()] for name in f}
-        contents.update({f"@{name}": value for name, value in f.attrs.items()})
-    return contents
-
-
 def same(a: dict[str, object], b: dict[str, object]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -297,7 +289,7 @@ def test_embed_killed_while_writing_keeps_the_old_file(proteome_dir, tmp_path, r
     args = embed("out.h5")
     reference, seconds = timed(embed("clean.h5"), tmp_path)
     assert reference.status == 0, reference.stderr
-    clean = embeddings(tmp_path / "clean.h5")
+    clean = h5_contents(tmp_path / "clean.h5")
     out = tmp_path / "out.h5"
     for trial in range(TRIALS):
         had_old = trial % 2 == 0
@@ -311,8 +303,8 @@ def test_embed_killed_while_writing_keeps_the_old_file(proteome_dir, tmp_path, r
             if had_old and out.read_bytes() == b"an earlier file":
                 pass  # killed before the rename
             else:  # killed after it (or there was no earlier file)
-                assert not out.exists() or same(embeddings(out), clean), context
+                assert not out.exists() or same(h5_contents(out), clean), context
         again = protperf(args, tmp_path)
         assert again.status == 0, (context, again.stderr)
-        assert same(embeddings(out), clean), context
+        assert same(h5_contents(out), clean), context
         assert leftovers(tmp_path) == [], (context, leftovers(tmp_path))

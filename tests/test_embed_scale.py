@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from lm_data import ecoli_fasta
+from lm_data import ecoli_fasta, h5_contents
 from lm_models import export_random_model
 
 from protperf import cli
@@ -55,16 +55,8 @@ def _environment(**env: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
 
 
-def contents(path: Path) -> dict[str, object]:
-    """Every dataset and attribute of an embeddings file."""
-    with h5py.File(path, "r") as f:
-        found: dict[str, object] = {name: f[name][()] for name in f}
-        found.update({f"@{name}": value for name, value in f.attrs.items()})
-    return found
-
-
 def assert_same_file(a: Path, b: Path, *, except_attrs: tuple[str, ...] = ()) -> None:
-    first, second = contents(a), contents(b)
+    first, second = h5_contents(a), h5_contents(b)
     for name in except_attrs:
         first.pop(f"@{name}"), second.pop(f"@{name}")
     assert first.keys() == second.keys()
@@ -144,7 +136,7 @@ def test_shards_and_compression_do_not_change_the_numbers(fasta, tmp_path):
         out = tmp_path / f"{name}.h5"
         assert cli.main(["embed", *map(str, [source, *common, "-o", out, *extra])]) == 0
         assert not shard_folder(out).exists()
-    whole, sharded = contents(tmp_path / "whole.h5"), contents(tmp_path / "sharded.h5")
+    whole, sharded = h5_contents(tmp_path / "whole.h5"), h5_contents(tmp_path / "sharded.h5")
     assert list(sharded["ids"].astype(str)) == [r.id for r in read_fasta(fasta)[0]]
     for name in ("ids", "descriptions", "offsets"):
         assert np.array_equal(whole[name], sharded[name]), name
@@ -266,4 +258,4 @@ def test_shards_of_a_different_run_are_kept_unless_overwrite(fasta, tmp_path, ca
     assert "layers" in error and "pass --overwrite to discard it" in error
     assert marker.read_bytes() == b"another run's shard" and not out.exists()
     assert cli.main([*args, "--overwrite"]) == 0
-    assert not folder.exists() and len(contents(out)["ids"]) == 160
+    assert not folder.exists() and len(h5_contents(out)["ids"]) == 160
