@@ -11,8 +11,12 @@ random weights, which cost the same as trained ones) is measured for:
    working memory, the peak above what the process held with the model loaded and warmed up
    (measured in a worker whose allocations of 1 MB and more are mmap'ed, so that RSS follows
    the live tensors, with the kernel's high-water mark reset just before the forward pass);
-3. generation speed (tokens/s, batch 1) of the decoding recurrence at positions 1k and 8k,
-   against re-running the full (causal FAVOR+) forward pass for every new token.
+3. generation speed (tokens/s, batch 1, sampling included) at positions 1k and 8k: FAVOR+'s
+   recurrence (softmax and ReLU features) against what Transformers decode with, a key/value
+   cache: protperf's exact attention and Hugging Face's GPT-2 of the same shape (random
+   weights; ``--no-gpt2`` without transformers); and the memory of FAVOR+'s constant state
+   against the cache's. Re-running the full forward pass for every token is a last row, for
+   scale only: nobody decodes that way.
 
 Targets: memory linear in the length (32k at most 4.5x the 8k memory, checked on the
 working memory; the command's total is dominated by the fixed cost of torch and the weights);
@@ -25,6 +29,7 @@ the 8k generation rate at least 0.8x the 1k rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -103,12 +108,18 @@ def embed_peak_rss(model_dir: Path, length: int, workdir: Path) -> float:
     process = subprocess.Popen(
         [*command, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    _, status, usage = os.wait4(process.pid, 0)
+    # The child's own high-water mark, read while it runs: wait4's ru_maxrss starts from this
+    # process's RSS at the fork, whatever the child then uses.
+    peak = 0
+    while process.poll() is None:
+        with contextlib.suppress(OSError, StopIteration):
+            status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+            peak = max(peak, int(next(x for x in status if x.startswith("VmHWM:")).split()[1]))
+        time.sleep(0.05)
     stderr = process.stderr.read().decode() if process.stderr else ""
-    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0 or not out.exists():
         raise RuntimeError(f"protperf embed failed on {length} residues:\n{stderr}")
-    return usage.ru_maxrss / 1024  # KiB -> MiB
+    return peak / 1024  # KiB -> MiB
 
 
 def _status_kib(key: str) -> int:
@@ -160,34 +171,87 @@ def build_model(args: argparse.Namespace):
     return PerformerLM(config).eval()
 
 
-def decoding_rate(model, positions: list[int], steps: int, seed: int = 0) -> dict[int, float]:
-    """tokens/s of generation (decode step + sampling, batch 1) at each position in ``positions``.
+def _prompt(length: int, seed: int):
+    """<bos> and ``length`` random residues, (length + 1,) int64."""
+    import torch
 
-    The recurrence is driven through the prefix one token at a time, exactly as a prompt is fed;
-    ``steps`` generated tokens are timed from each position.
+    from protperf.tokenizer import BOS, encode
+
+    residues = torch.from_numpy(encode(random_protein(length, seed)).astype("int64"))
+    return torch.cat([torch.tensor([BOS]), residues])
+
+
+def state_bytes(states) -> int:
+    """Bytes of protperf's decoding states: FAVOR+'s sums, or exact attention's key/value cache."""
+    tensors = [t for s in states for t in (s.attention.context, s.attention.value_sum,
+                                           s.attention.key_max, s.recent_values)]  # fmt: skip
+    return sum(t.nbytes for t in tensors if t is not None)
+
+
+def decoding_rate(model, positions: list[int], steps: int, seed: int = 0) -> dict[int, tuple]:
+    """{position: (tokens/s, state bytes)} of generation (decode step + sampling, batch 1).
+
+    The model is driven through the prefix one token at a time, exactly as a prompt is fed;
+    ``steps`` generated tokens are timed from each position, and the state (or cache) measured
+    at that position.
     """
     import torch
 
     from protperf.generate import restrict_logits, sample_next
-    from protperf.tokenizer import BOS, encode
 
-    prefix = torch.from_numpy(encode(random_protein(max(positions) + steps, seed)).astype("int64"))
-    tokens = torch.cat([torch.tensor([BOS]), prefix])
+    tokens = _prompt(max(positions) + steps, seed)
     generator = [torch.Generator().manual_seed(seed)]
     allow_eos = torch.tensor([False])
-    rates: dict[int, float] = {}
+    rates: dict[int, tuple] = {}
     states, position = None, 0
     for target in sorted(positions):
         while position < target:  # feed the prompt up to the measured position
             _, states = model.decode_step(tokens[position : position + 1], states, position)
             position += 1
+        size = state_bytes(states)
         start = time.perf_counter()
         token = tokens[position : position + 1]
         for _ in range(steps):
             logits, states = model.decode_step(token, states, position)
             token = sample_next(restrict_logits(logits, allow_eos), generator)
             position += 1
-        rates[target] = steps / (time.perf_counter() - start)
+        rates[target] = (steps / (time.perf_counter() - start), size)
+    return rates
+
+
+def gpt2_decoding_rate(config, positions: list[int], steps: int, seed: int = 0) -> dict:
+    """{position: (tokens/s, cache bytes)} of Hugging Face's GPT-2 of ``config``'s shape
+    (random weights), decoding with its key/value cache after a prefill of the prompt."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    from protperf.generate import restrict_logits, sample_next
+    from protperf.tokenizer import VOCAB_SIZE
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB_SIZE, n_positions=max(positions) + steps + 1, n_embd=config.dim,
+        n_layer=config.depth, n_head=config.heads, n_inner=config.ff_dim, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )).eval()  # fmt: skip
+    tokens = _prompt(max(positions) + steps, seed)
+    generator = [torch.Generator().manual_seed(seed)]
+    allow_eos = torch.tensor([False])
+    rates = {}
+    with torch.no_grad():
+        for target in sorted(positions):
+            out = gpt2(tokens[None, :target], use_cache=True)
+            cache = out.cache
+            size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            token = tokens[target : target + 1]
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = gpt2(token[None], cache=cache, use_cache=True)
+                cache = out.cache
+                token = sample_next(restrict_logits(out.logits[:, -1], allow_eos), generator)
+            rates[target] = (steps / (time.perf_counter() - start), size)
     return rates
 
 
@@ -237,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--positions", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--steps", type=int, default=128, help="timed tokens per position")
+    parser.add_argument("--gpt2", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode with Hugging Face's GPT-2 too (needs transformers)")  # fmt: skip
     parser.add_argument("--worker-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_memory is not None:
@@ -300,24 +366,48 @@ def main(argv: list[str] | None = None) -> int:
             "", "", "<= 4.5x",
         ))  # fmt: skip
 
-    # 3. Generation: the recurrence vs re-running the full forward for each token.
-    causal = with_kernel(favor, "softmax", causal=True)
+    # 3. Generation: FAVOR+'s recurrence against key/value caches (and a full forward per token).
+    decoders = {
+        "FAVOR+ softmax": with_kernel(favor, "softmax", causal=True),
+        "FAVOR+ ReLU": with_kernel(favor, "relu", causal=True),
+        "exact, KV cache": with_kernel(favor, "exact", causal=True),
+    }
     start = time.perf_counter()
-    rates = decoding_rate(causal, args.positions, args.steps)
+    rates = {name: decoding_rate(model, args.positions, args.steps)
+             for name, model in decoders.items()}  # fmt: skip
+    if args.gpt2:
+        rates["GPT-2 (Hugging Face), KV cache"] = gpt2_decoding_rate(
+            config, args.positions, args.steps
+        )
     decode_s = time.perf_counter() - start
-    forward = full_forward_rate(causal, args.positions)
-    print(f"generation: {args.steps} tokens timed at each position, batch 1 "
-          f"(prefix fed through the recurrence: {decode_s:.0f} s in all)\n")  # fmt: skip
+    forward = full_forward_rate(decoders["FAVOR+ softmax"], args.positions)
+    print(f"generation: {args.steps} tokens timed at each position, batch 1, sampling included "
+          f"(prompts fed token by token; GPT-2 prefilled: {decode_s:.0f} s in all)\n")  # fmt: skip
+    caches = [name for name in rates if "KV cache" in name]
     for position in args.positions:
+        favor_rate, favor_bytes = rates["FAVOR+ softmax"][position]
+        relu_rate, _ = rates["FAVOR+ ReLU"][position]
+        peers = ", ".join(f"{rates[n][position][0]:,.1f} ({n})" for n in caches)
+        best = max(rates[n][position][0] for n in caches)
         results.append((
-            f"generate at position {position:,} (tokens/s)", f"{rates[position]:,.1f}",
-            f"{forward[position]:,.2f} (full forward per token)",
-            f"{rates[position] / forward[position]:,.0f}x", "",
+            f"generate at position {position:,}, tokens/s: softmax (ReLU)",
+            f"{favor_rate:,.1f} ({relu_rate:,.1f})", peers, f"{favor_rate / best:.2f}x", "",
+        ))  # fmt: skip
+        cache_bytes = rates["exact, KV cache"][position][1]
+        results.append((
+            f"decoding state at position {position:,}, MB", f"{favor_bytes / 2**20:,.2f}",
+            f"{cache_bytes / 2**20:,.1f} (KV cache)", f"{favor_bytes / cache_bytes:.3f}x", "",
         ))  # fmt: skip
     first, last = min(args.positions), max(args.positions)
     results.append((
-        f"generation rate {last:,} / {first:,}", f"{rates[last] / rates[first]:.2f}x",
-        f"{forward[last] / forward[first]:.2f}x (full forward)", "", ">= 0.8x",
+        f"generation rate {last:,} / {first:,}",
+        f"{rates['FAVOR+ softmax'][last][0] / rates['FAVOR+ softmax'][first][0]:.2f}x",
+        f"{rates['exact, KV cache'][last][0] / rates['exact, KV cache'][first][0]:.2f}x "
+        "(exact, KV cache)", "", ">= 0.8x",
+    ))  # fmt: skip
+    results.append((
+        f"full forward per token at {first:,} / {last:,}, tokens/s (scale only)",
+        "", f"{forward[first]:,.2f} / {forward[last]:,.2f}", "", "",
     ))  # fmt: skip
     print(table(results))
     return 0

@@ -1,4 +1,4 @@
-"""FAVOR+ attention: positive orthogonal random features, bidirectional and causal, in O(L).
+"""FastAttention: FAVOR+ (positive orthogonal random features, O(L)) and the paper's baselines.
 
 Shapes: ``q, k, v`` are ``(batch, heads, length, head_dim)``; features are
 ``(batch, heads, length, num_features)``; ``key_padding_mask`` is ``(batch, length)`` bool with
@@ -12,6 +12,11 @@ Kernels (one interface, :class:`FastAttention`; the names are :data:`Kernel`, ch
 * ``"relu"`` – the paper's generalized kernel: phi(x) = ReLU(W x) + 1e-3, with no projection by
   default (W = I, as the official code's "deterministic" features).
 * ``"exact"`` – softmax attention via ``scaled_dot_product_attention``: the Transformer baseline.
+* ``"reformer"`` – Reformer's LSH attention (:mod:`protperf.baselines.lsh`): queries double as
+  keys (the model passes q as k), hashed by random rotations drawn from a seed, so that
+  :meth:`FastAttention.redraw` renews them as it renews FAVOR+'s features.
+* ``"linformer"`` – Linformer (:mod:`protperf.baselines.linformer`): learned (n x k) length
+  projections of keys and values, n = ``max_length``; bidirectional only.
 
 The FAVOR+ ops themselves (fused kernels, decoding recurrence, feature maps, projections) are in
 :mod:`protperf.favor`; this module flattens batch and heads into rows, casts, pads and dispatches.
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from protperf.baselines import draw_rotations, init_projection, linformer_attention, lsh_attention
 from protperf.favor import (
     FEATURE_MAPS,
     BidirectionalFavor,
@@ -44,9 +50,15 @@ from protperf.favor import (
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BUCKET_SIZE",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_HASHES",
+    "DEFAULT_LINFORMER_K",
+    "FAVOR_KERNELS",
     "KERNELS",
     "KERNEL_NAMES",
+    "LINFORMER_NOT_CAUSAL",
+    "NO_STEP",
     "Backend",
     "DecodeState",
     "FastAttention",
@@ -56,7 +68,7 @@ __all__ = [
     "check_kernel",
 ]
 
-Kernel = Literal["softmax", "relu", "exact"]
+Kernel = Literal["softmax", "relu", "exact", "reformer", "linformer"]
 KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 FeatureType = Literal["orthogonal", "iid", "deterministic"]
 Backend = Literal["auto", "torch", "triton"]
@@ -67,15 +79,26 @@ KERNEL_NAMES: dict[Kernel, str] = {
     "softmax": "Performer (softmax)",
     "relu": "Performer (generalized)",
     "exact": "Transformer",
+    "reformer": "Reformer",
+    "linformer": "Linformer",
 }
+#: Kernels whose attention is FAVOR+ (random or deterministic features, O(L)).
+FAVOR_KERNELS: tuple[Kernel, ...] = ("softmax", "relu")
 
 DEFAULT_CHUNK_SIZE = 64
+#: Reformer's defaults: chunks of 64 (Kitaev et al. 2020) and 4 hash rounds (reformer-pytorch's
+#: ReformerLM; the paper trains with 1 to 8, more being closer to exact attention and slower).
+DEFAULT_BUCKET_SIZE = 64
+DEFAULT_HASHES = 4
+#: Linformer's projected length k (Wang et al. 2020 use 128 and 256).
+DEFAULT_LINFORMER_K = 256
 
 
 def check_kernel(kernel: str) -> Kernel:
     """``kernel`` itself if it names one of :data:`KERNELS`; ValueError otherwise."""
     if kernel not in KERNELS:
-        raise ValueError(f"kernel must be 'softmax', 'relu' or 'exact', got {kernel!r}")
+        names = ", ".join(repr(name) for name in KERNELS)
+        raise ValueError(f"kernel must be one of {names}, got {kernel!r}")
     return kernel
 
 
@@ -84,6 +107,17 @@ def check_backend(backend: str) -> Backend:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     return backend
+
+
+LINFORMER_NOT_CAUSAL = (
+    "the Linformer kernel has no causal form: its projections mix every position, the future "
+    "included, into each projected key and value"
+)
+#: Why a kernel cannot decode a token at a time (generate).
+NO_STEP = (
+    "the {kernel} kernel cannot decode one token at a time: it re-sorts the whole sequence at "
+    "every length; generate with a FAVOR+ or exact-attention model"
+)
 
 
 def _contiguous_as(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -133,6 +167,10 @@ class FastAttention(nn.Module):
         backend: FAVOR+'s kernels: ``"auto"`` (Triton on CUDA tensors when Triton is
             installed, else PyTorch), ``"torch"`` or ``"triton"`` (CUDA tensors, or CPU ones under
             TRITON_INTERPRET=1). The Triton kernels choose their own chunk of positions.
+        bucket_size: Reformer: the chunk length, and L / bucket_size buckets.
+        n_hashes: Reformer: rounds of hashing.
+        max_length: Linformer: n, the longest sequence its projections read.
+        linformer_k: Linformer: k, the projected length of keys and values.
     """
 
     def __init__(
@@ -147,10 +185,18 @@ class FastAttention(nn.Module):
         seed: int = 0,
         stabilizer: float | None = None,
         backend: Backend = "auto",
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        n_hashes: int = DEFAULT_HASHES,
+        max_length: int | None = None,
+        linformer_k: int = DEFAULT_LINFORMER_K,
     ) -> None:
         super().__init__()
         check_kernel(kernel)
         check_backend(backend)
+        if kernel == "linformer" and causal:
+            raise ValueError(LINFORMER_NOT_CAUSAL)
+        if kernel == "linformer" and max_length is None:
+            raise ValueError("the Linformer kernel needs max_length, the length of its projections")
         if feature_type is None:
             feature_type = "deterministic" if kernel == "relu" else "orthogonal"
         if feature_type not in ("orthogonal", "iid", "deterministic"):
@@ -165,11 +211,20 @@ class FastAttention(nn.Module):
         self.chunk_size = chunk_size
         self.backend = backend
         self.feature_map = FEATURE_MAPS[kernel](stabilizer) if kernel in FEATURE_MAPS else None
-        has_projection = kernel != "exact" and feature_type != "deterministic"
+        has_projection = kernel in FAVOR_KERNELS and feature_type != "deterministic"
         shape = (num_features, head_dim) if has_projection else (0, head_dim)
         self.register_buffer("projection", torch.zeros(shape), persistent=True)
         if has_projection:
             self.redraw(seed)
+        self.bucket_size, self.n_hashes = bucket_size, n_hashes
+        if kernel == "reformer":
+            # The rotations are a function of this seed (drawn on first use, block by block as
+            # lengths grow), so checkpoints and exports carry the seed, not the matrices.
+            self.register_buffer("rotation_seed", torch.tensor(int(seed)), persistent=True)
+            self._rotations: dict[tuple, Tensor] = {}
+        if kernel == "linformer":
+            self.proj_k = nn.Parameter(init_projection(torch.empty(max_length, linformer_k)))
+            self.proj_v = nn.Parameter(init_projection(torch.empty(max_length, linformer_k)))
 
     def extra_repr(self) -> str:
         return (
@@ -179,7 +234,12 @@ class FastAttention(nn.Module):
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:
-        """Draw new random features from ``seed``: identical on every process given the same seed."""
+        """Draw new random features (Reformer: rotations) from ``seed``: identical on every
+        process given the same seed."""
+        if self.kernel == "reformer":
+            self.rotation_seed.fill_(int(seed))
+            self._rotations.clear()
+            return
         if self.projection.shape[0] == 0:
             return
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -208,6 +268,11 @@ class FastAttention(nn.Module):
         """
         if self.kernel == "exact":
             out = self._exact(q, k, v, key_padding_mask)
+        elif self.kernel == "reformer":
+            out = self._reformer(q, v, key_padding_mask)
+        elif self.kernel == "linformer":
+            valid = None if key_padding_mask is None else ~key_padding_mask
+            out = linformer_attention(q, k, v, self.proj_k, self.proj_v, valid)
         elif self.uses_triton(q):
             return self._favor_triton(q, k, v, key_padding_mask)  # zero at padding already
         else:
@@ -222,7 +287,7 @@ class FastAttention(nn.Module):
         ``"triton"`` raises where they cannot run: without Triton, on CPU tensors outside the
         interpreter, or in float64 (the kernels compute in float32; ``"torch"`` does float64).
         """
-        if self.kernel == "exact" or self.backend == "torch":
+        if self.kernel not in FAVOR_KERNELS or self.backend == "torch":
             return False
         from protperf.favor import triton as favor_triton
 
@@ -252,6 +317,32 @@ class FastAttention(nn.Module):
             q, k, v, self.feature_weights(), key_padding_mask, self.causal,
             self.kernel == "softmax", self.feature_map.eps,
         )  # fmt: skip
+
+    def rotations(self, columns: int, device: torch.device) -> Tensor:
+        """Reformer's rotations (head_dim, n_hashes, >= columns) from ``rotation_seed``."""
+        key = (device, int(self.rotation_seed))
+        cached = self._rotations.get(key)
+        if cached is None or cached.shape[-1] < columns:
+            drawn = draw_rotations(self.head_dim, self.n_hashes, columns, int(self.rotation_seed))
+            cached = self._rotations[key] = drawn.to(device)
+        return cached
+
+    def _reformer(self, qk: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        batch, heads, length, dim = qk.shape
+        rows = batch * heads
+        dtype = torch.promote_types(qk.dtype, torch.float32)
+        with torch.autocast(device_type=qk.device.type, enabled=False):
+            qk32, v32 = (_contiguous_as(x, dtype).view(rows, length, dim) for x in (qk, v))
+            valid = None
+            if key_padding_mask is not None:
+                valid = ~key_padding_mask[:, None, :].expand(batch, heads, length)
+                valid = valid.reshape(rows, length)
+            columns = -(-length // (2 * self.bucket_size))
+            rotations = self.rotations(columns, qk.device)
+            out = lsh_attention(
+                qk32, v32, rotations, bucket_size=self.bucket_size, causal=self.causal, valid=valid
+            )
+        return out.view(batch, heads, length, dim).to(v.dtype)
 
     def _favor(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         batch, heads, length, dim = q.shape
@@ -296,6 +387,8 @@ class FastAttention(nn.Module):
         """
         if not self.causal:
             raise RuntimeError("step() decodes causal attention; this module is bidirectional")
+        if self.kernel not in (*FAVOR_KERNELS, "exact"):
+            raise RuntimeError(NO_STEP.format(kernel=KERNEL_NAMES[self.kernel]))
         if self.kernel == "exact":
             keys = k if state is None else torch.cat([state.context, k], dim=-2)
             values = v if state is None else torch.cat([state.value_sum, v], dim=-2)

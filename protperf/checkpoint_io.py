@@ -31,8 +31,10 @@ class DurableCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+            # A file object, not a path: torch's own writer loses the errno of a full disk,
+            # while a Python file raises it (the context of torch's error).
+            torch.save(checkpoint, handle)
 
     def load_checkpoint(
         self,

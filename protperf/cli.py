@@ -28,11 +28,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("protperf.evaluate", "accuracy and perplexity per split vs the unigram baseline"),
     "generate": ("protperf.generate", "sample proteins from a unidirectional model (FASTA)"),
     "score": ("protperf.score", "log-likelihoods of proteins and the effects of mutations (CSV)"),
+    "probe": ("protperf.probe", "fit predictors on frozen embeddings, test and apply them"),
     "models": ("protperf.models", "list the packaged models and the exports of local runs"),
-    "export": ("protperf.export", "write a model as a protperf or Hugging Face folder"),
+    "export": ("protperf.export_verb", "write a model as a protperf or Hugging Face folder"),
 }
 #: Verbs that run models: subnormal floats flush to zero in them (protperf/runtime.py).
-MODEL_VERBS = frozenset({"train", "embed", "evaluate", "generate", "score", "export"})
+MODEL_VERBS = frozenset({"train", "embed", "evaluate", "generate", "score", "probe", "export"})
 
 
 def _usage() -> str:

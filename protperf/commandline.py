@@ -12,7 +12,9 @@ Every ``protperf`` verb is a plain function with type hints and a Google-style d
   callable as dotted options, each value read as YAML (``--trainer.max_steps 1000``);
 * a parameter named ``config`` makes the verb read YAML files (``--config FILE``, several
   allowed, later ones win) whose keys are the same parameters, nested for the groups, and adds
-  ``--print-config``, which prints the resolved settings as YAML.
+  ``--print-config``, which prints the resolved settings as YAML;
+* ``Verb(..., threads=True)`` adds ``--threads N`` to a verb that computes: the process's
+  intra-op threads, set before the function runs.
 
 Dotted options keep the spelling of their YAML keys (``--trainer.max_steps``); the hyphenated
 form is accepted too. Settings resolve in this order, later winning: the function's defaults, a
@@ -20,8 +22,8 @@ verb's preset (``train --concat``), the YAML files in order, the command line.
 
 A mistyped option or a missing argument is one line on stderr with a pointer to ``--help``
 (exit status 2). An :class:`~protperf.errors.InputError` or an ``OSError`` (a missing file,
-permissions, a full disk) raised while the verb runs is one line too (exit status 1), so that a
-traceback always means a bug in protperf. Only argparse and the standard library are imported
+permissions, a full disk, however a library words it) raised while the verb runs is one line too
+(exit status 1), so that a traceback always means a bug in protperf. Only argparse and the standard library are imported
 here: a verb starts as fast as its own imports.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import importlib
 import inspect
@@ -48,6 +51,13 @@ from protperf.errors import InputError, ProtperfError
 USAGE_ERROR, INPUT_ERROR, INTERRUPTED = 2, 1, 130
 #: The parameter that names YAML files of settings.
 CONFIG = "config"
+#: Options of the process rather than of the verb's function (see :class:`Verb`).
+_PROCESS_OPTIONS = ("print_config", "threads")
+THREADS_HELP = (
+    "intra-op threads of this process (of each, with several processes) (default: PyTorch's: "
+    "OMP_NUM_THREADS when set, else one per core; several processes on one machine share its "
+    "cores)"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -355,6 +365,10 @@ class Verb:
         preset: settings -> default overrides (nested like the settings) that apply before the
             YAML files and the command line, e.g. a mode's own defaults.
         epilog: text after the options in ``--help``.
+        threads: add ``--threads N``, the intra-op threads of the process, set before the
+            function runs (:func:`protperf.runtime.set_threads`); for verbs that compute. It
+            is a setting of the process, not of the work: YAML files and --print-config leave
+            it out.
     """
 
     def __init__(
@@ -366,9 +380,11 @@ class Verb:
         short: Mapping[str, str] | None = None,
         preset: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
         epilog: str | None = None,
+        threads: bool = False,
     ) -> None:
         self.function, self.prog, self.positional = function, prog, positional
         self.short, self.preset, self.epilog = dict(short or {}), preset, epilog
+        self.threads = threads
         self.description, self._described = "", False  # filled by _describe for --help
         hints = typing.get_type_hints(function, include_extras=True)
         self.options: dict[str, _Option] = {}
@@ -429,6 +445,8 @@ class Verb:
             parser.add_argument(
                 "--print-config", action="store_true", help="print the resolved settings as YAML"
             )
+        if self.threads:
+            parser.add_argument("--threads", metavar="N", help=THREADS_HELP)
         for group in self.groups.values():
             section = parser.add_argument_group(group.name, group.description)
             for option in group.options.values():
@@ -491,7 +509,7 @@ class Verb:
         """The options given on the command line, converted: a nested dict."""
         given: dict[str, Any] = {}
         for dest, value in vars(namespace).items():
-            if dest == "print_config":
+            if dest in _PROCESS_OPTIONS:
                 continue
             path = tuple(dest.split("."))
             option = (
@@ -555,9 +573,22 @@ class Verb:
 
     def resolve(self, argv: list[str]) -> tuple[dict[str, Any], bool]:
         """(settings, whether --print-config was given) for ``argv``; raises UsageError."""
+        settings, print_config, _ = self._resolve(argv)
+        return settings, print_config
+
+    def _resolve(self, argv: list[str]) -> tuple[dict[str, Any], bool, int | None]:
+        """:meth:`resolve`, and the value of --threads (None when not given)."""
         asks_help = any(arg in ("-h", "--help") for arg in argv)
         namespace = self.parser(with_help=asks_help).parse_args(canonical_spelling(argv))
         print_config = bool(getattr(namespace, "print_config", False))
+        threads = getattr(namespace, "threads", None)
+        if threads is not None:
+            try:
+                threads = convert(threads, int)
+            except _BadValue as error:
+                raise UsageError(f"argument --threads: {error}") from None
+            if threads < 1:
+                raise UsageError(f"argument --threads: at least 1 thread, not {threads}")
         given = self.from_command_line(namespace)
         layers = [self.from_yaml(path) for path in given.get(CONFIG) or []]
         settings = self.defaults()
@@ -571,7 +602,7 @@ class Verb:
         if missing:
             flags = ", ".join(self.options[name].flag for name in missing)
             raise UsageError(f"the following arguments are required: {flags}")
-        return settings, print_config
+        return settings, print_config, threads
 
     def arguments(self, settings: dict[str, Any]) -> dict[str, Any]:
         """The function's keyword arguments: groups built into their dataclasses (whose own
@@ -618,7 +649,7 @@ class Verb:
     def run(self, argv: list[str]) -> int:
         """Parse ``argv``, call the function, return the exit status (see the module docstring)."""
         try:
-            settings, print_config = self.resolve(list(argv))
+            settings, print_config, threads = self._resolve(list(argv))
             arguments = self.arguments(settings)
             if print_config:
                 print(self.dump(self.settings_of(arguments)), end="")
@@ -631,6 +662,10 @@ class Verb:
         except ProtperfError as error:
             print(f"{self.prog}: error: {error}", file=sys.stderr)
             return INPUT_ERROR
+        if threads is not None:
+            from protperf.runtime import set_threads
+
+            set_threads(threads)
         return call_verb(self.prog, self.function, arguments)
 
 
@@ -643,13 +678,36 @@ def call_verb(prog: str, function: Callable[..., Any], arguments: Mapping[str, A
         print(f"{prog}: error: {error}", file=sys.stderr)
         return INPUT_ERROR
     except OSError as error:  # a missing file, permissions, a full or read-only disk
+        if _full_disk(error) is not None:
+            print(f"{prog}: error: {_full_disk(error)}", file=sys.stderr)
+            return INPUT_ERROR
         where = f"{error.filename}: " if error.filename else ""
         print(f"{prog}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return INPUT_ERROR
+    except Exception as error:  # a library's own words for a full disk (HDF5's, torch's)
+        if _full_disk(error) is None:
+            raise
+        print(f"{prog}: error: {_full_disk(error)}", file=sys.stderr)
         return INPUT_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
     return 0
+
+
+def _full_disk(error: BaseException) -> Exception | None:
+    """A :class:`~protperf.durable.DiskFullError` for an error that a full disk caused (naming
+    the file when the error does, as HDF5's and Python's do), else None."""
+    from protperf.durable import DiskFullError, full_disk_errno
+
+    code = full_disk_errno(error)
+    if code is None:
+        return None
+    path = getattr(error, "filename", None)
+    if path is None:
+        found = re.search(r"filename = '([^']*)'", str(error))  # HDF5's message
+        path = found.group(1) if found else "the output"
+    return DiskFullError(path, quota=code == errno.EDQUOT)
 
 
 def _plain(value: Any) -> Any:

@@ -9,19 +9,90 @@ and the new name survive a crash. :func:`atomic_file` does this for one file,
 :func:`replace_folder` for a finished folder, and :func:`recover_folder` finishes what a killed
 one left behind. :func:`check_output_file` and :func:`check_output_folder` say what is wrong
 with an output path before a verb starts its work.
+
+A full disk is bad input like any other: :class:`DiskFullError` names the output, and
+:func:`reporting_full_disk` turns whatever a writer raised on a full disk (an ``OSError`` with
+ENOSPC, or torch's, h5py's and safetensors' own words for it) into one. HDF5 cannot close a file
+whose write failed (it crashes the process at exit, or at once), so :func:`h5_file` writes HDF5
+through a file object that keeps such failures from it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
+import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from protperf.errors import InputError
+
+#: Temporary files being written by :func:`atomic_file` in this process.
+_UNFINISHED: set[Path] = set()
+#: How writers that do not raise an ``OSError`` say that the disk is full.
+_FULL_DISK_WORDS = re.compile(r"No space left on device|errno = 28\b|os error 28\b|StorageFull")
+
+
+class DiskFullError(InputError):
+    """The file system that holds an output has no space left (or the user's quota is used up)."""
+
+    def __init__(self, path: str | Path, *, quota: bool = False, then: str | None = None) -> None:
+        self.path = Path(path)
+        what = "the disk quota is used up" if quota else "the disk is full"
+        then = then or (
+            "nothing was replaced or left half-written: free some space (or write elsewhere) "
+            "and run the command again"
+        )
+        super().__init__(f"{path}: {what}; {then}")
+
+
+def full_disk_errno(error: BaseException | None) -> int | None:
+    """ENOSPC or EDQUOT when ``error``, or an error it chains, says the disk is full; else None.
+    Beside ``OSError`` it reads the messages of the writers that lose the errno: HDF5's
+    ("errno = 28"), safetensors' ("os error 28") and torch.save's, whose context is the
+    ``OSError`` of the file object it was given."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFullError):
+            return errno.ENOSPC
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error.errno
+        if _FULL_DISK_WORDS.search(str(error)):
+            return errno.ENOSPC
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: str | Path, *, then: str | None = None) -> Iterator[None]:
+    """Raise :class:`DiskFullError` naming ``path`` (and saying ``then``, what to do) for
+    anything the block raises because the disk is full; other errors pass unchanged."""
+    try:
+        yield
+    except DiskFullError as error:
+        if then is None:
+            raise
+        raise DiskFullError(error.path, then=then) from None
+    except Exception as error:
+        code = full_disk_errno(error)
+        if code is None:
+            raise
+        raise DiskFullError(path, quota=code == errno.EDQUOT, then=then) from None
+
+
+def discard_unfinished() -> None:
+    """Delete the temporary files this process is writing (a process about to exit without
+    unwinding: they would wait for the next run to clean them up)."""
+    for tmp in list(_UNFINISHED):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _fsync(path: Path) -> None:
@@ -132,24 +203,29 @@ def atomic_file(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     Without ``overwrite`` an ``out`` that appeared while the block ran is kept and
     :class:`InputError` raised (the new file is published with a hard link, which never
     replaces). A symbolic link is followed: the file it points to is replaced, the link kept.
-    Temporaries that killed writers left beside ``out`` are removed first.
+    Temporaries that killed writers left beside ``out`` are removed first. A full disk is a
+    :class:`DiskFullError` naming ``out``.
     """
     out = Path(out)
     if out.is_symlink():
         out = out.resolve()
     remove_stale_temporaries(out.parent, out.name)
     tmp = temporary_name(out)
+    _UNFINISHED.add(tmp)
     try:
-        yield tmp
-        sync_tree(tmp)
-        if overwrite:
-            os.replace(tmp, out)
-        else:
-            _publish_without_replacing(tmp, out)
-        sync_parent(out)
+        with reporting_full_disk(out):
+            yield tmp
+            sync_tree(tmp)
+            if overwrite:
+                os.replace(tmp, out)
+            else:
+                _publish_without_replacing(tmp, out)
+            sync_parent(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _UNFINISHED.discard(tmp)
 
 
 def _publish_without_replacing(tmp: Path, out: Path) -> None:
@@ -225,3 +301,130 @@ def check_output_folder(folder: str | Path, *, option: str) -> None:
         Path(tempfile.mkdtemp(prefix=".protperf-probe-", dir=existing)).rmdir()
     except OSError as error:
         raise InputError(f"{where}: cannot write in {existing} ({error.strerror})") from error
+
+
+class _DiskFile(io.RawIOBase):
+    """The file HDF5 writes through (h5py's ``fileobj`` driver): a write that the disk has no
+    room for is remembered, not raised, so that HDF5 goes on to close the file normally; the
+    caller then raises. Reads of what was never written come back as zeros."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.failure: OSError | None = None
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, default_file_mode())
+        self._position = self._end = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._end}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._end - self._position if size < 0 else size
+        data = os.pread(self._fd, size, self._position) if size > 0 else b""
+        self._position += size
+        return data + bytes(size - len(data))
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.failure is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self._fd, view[done:], self._position + done)
+            except OSError as error:
+                self.failure = error
+        self._position += len(view)
+        self._end = max(self._end, self._position)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._position if size is None else size
+        if self.failure is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as error:
+                self.failure = error
+        self._end = size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+    def check(self) -> None:
+        """Raise the ``OSError`` of the first write that failed, naming the file."""
+        if self.failure is not None:
+            raise OSError(self.failure.errno, self.failure.strerror, str(self.path))
+
+
+def create_h5(path: str | Path) -> Any:
+    """``h5py.File(path, "w")`` whose writes a full disk cannot break (see :class:`_DiskFile`);
+    close it with :func:`close_h5`, which raises ``OSError`` (ENOSPC, naming ``path``) if a
+    write failed. :func:`check_writes` raises the same at any time, to stop a long loop early."""
+    import h5py
+
+    raw = _DiskFile(Path(path))
+    try:
+        f = h5py.File(raw, "w")
+    except BaseException:
+        raw.close()
+        raise
+    f._protperf_disk_file = raw
+    return f
+
+
+def check_writes(f: Any) -> None:
+    """Raise ``OSError`` naming the file when a write into ``f`` (from :func:`create_h5`) failed."""
+    raw = getattr(f, "_protperf_disk_file", None)
+    if raw is not None:
+        raw.check()
+
+
+def close_h5(f: Any) -> None:
+    """Close ``f`` (from :func:`create_h5`); raise ``OSError`` if any write into it failed."""
+    raw = getattr(f, "_protperf_disk_file", None)
+    try:
+        f.close()
+    finally:
+        if raw is not None:
+            raw.close()
+    if raw is not None:
+        raw.check()
+
+
+@contextlib.contextmanager
+def h5_file(path: str | Path) -> Iterator[Any]:
+    """:func:`create_h5` as a context manager: the file is closed however the block ends, and
+    a failed write raises ``OSError`` (ENOSPC, naming ``path``) once the block is done."""
+    f = create_h5(path)
+    try:
+        yield f
+        check_writes(f)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            close_h5(f)
+        raise
+    close_h5(f)

@@ -261,8 +261,9 @@ def embed(
     ):
         if value <= 0:
             raise InputError(f"{option} must be positive, got {value}")
-    workers = start_workers(device, devices, num_nodes)
     folder = shard_folder(out)
+    resume = f"the finished shards in {folder} are kept: run the same command again to resume"
+    workers = start_workers(device, devices, num_nodes, prog="protperf embed", resume=resume)
     loaded: LoadedModel | None = None
     setup: _Setup | str = ""
     if workers.is_main:
@@ -350,11 +351,11 @@ def _prepare(
     loaded = load_for_inference(path, workers.device)
     config = loaded.config
     resolved = resolve_layers(layers, config.depth)
-    if config.positions == "learned" and plan.longest.length > config.max_length - 2:
+    limit = config.length_limit
+    if limit is not None and plan.longest.length > limit[0] - 2:
         raise InputError(
             f"{fasta}: record {plan.longest.number} ({plan.longest.id!r}) has "
-            f"{plan.longest.length} residues; this model's learned positions read at most "
-            f"{config.max_length - 2}"
+            f"{plan.longest.length} residues; this model's {limit[1]} read at most {limit[0] - 2}"
         )
     for item in plan.skipped:
         print(f"skipped record {item.number} ({item.id!r}): {item.reason}", file=sys.stderr)
@@ -413,4 +414,5 @@ def main(argv: list[str]) -> int:
         prog="protperf embed",
         positional=("fasta",),
         short={"out": "-o"},
+        threads=True,
     )

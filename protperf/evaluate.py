@@ -187,11 +187,12 @@ def evaluate_model(
     train_path = data / "train.h5"
     if max_length is None:
         max_length = config.max_length
-    if max_length < 2 or (config.positions == "learned" and max_length > config.max_length):
+    limited = config.length_limit is not None
+    if max_length < 2 or (limited and max_length > config.max_length):
         raise InputError(
             f"--max-length {max_length}: must be in [2, {config.max_length}] for this model"
         )
-    if concat and config.positions == "rotary":
+    if concat and not limited:
         max_length = sys.maxsize  # chunks are read whole; rotary positions have no cap
     if tokens_per_batch <= 0:
         raise InputError(f"--tokens-per-batch must be positive, got {tokens_per_batch}")
@@ -431,4 +432,4 @@ def evaluate(
 
 def main(argv: list[str]) -> int:
     """``protperf evaluate``: parse ``argv`` and evaluate; returns the exit status."""
-    return run_verb(evaluate, argv, prog="protperf evaluate")
+    return run_verb(evaluate, argv, prog="protperf evaluate", threads=True)

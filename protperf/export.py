@@ -16,7 +16,7 @@ import shutil
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,8 +24,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from protperf import __version__
-from protperf.commandline import run_verb
-from protperf.durable import check_output_folder, default_file_mode, replace_folder
+from protperf.durable import default_file_mode, replace_folder, reporting_full_disk
 from protperf.errors import InputError
 from protperf.model import PerformerConfig, PerformerLM
 from protperf.tokenizer import save_tokenizer_json
@@ -46,6 +45,13 @@ def export_model(
     ``mode`` is "unidirectional" or "bidirectional"; ``metadata`` (JSON-able) goes in config.json.
     """
     out = Path(out_dir)
+    with reporting_full_disk(out):
+        return _export_model(model, out, mode=mode, metadata=metadata)
+
+
+def _export_model(
+    model: PerformerLM, out: Path, *, mode: str, metadata: dict[str, Any] | None
+) -> Path:
     staging = staging_folder(out)
     try:
         # save_model drops the tied head's duplicate of the embedding (safetensors forbids aliases).
@@ -205,57 +211,3 @@ def logged_test_metrics(folder: Path) -> dict[str, float]:
         for name, values in series.items()
         if name.startswith(TESTED_SPLITS)
     }
-
-
-def export(
-    model: str,
-    out: Path,
-    format: Literal["protperf", "hf"] = "protperf",
-    overwrite: bool = False,
-) -> Path:
-    """Write a model as a folder of its own: protperf's export, or a Hugging Face model.
-
-    --format protperf writes model.safetensors, config.json and tokenizer.json, which --model
-    and protperf.load_model read. --format hf writes a folder that transformers'
-    AutoModelForCausalLM / AutoModelForMaskedLM and AutoTokenizer load with from_pretrained
-    after `import protperf.hf` (needs pip install 'protperf[hf]'). OUT appears only when
-    complete.
-
-    Example: protperf export runs/demo runs/demo-hf --format hf
-
-    Args:
-        model: a packaged model's name, a run folder, an export folder or a .ckpt.
-        out: the folder to write.
-        format: protperf (the export that --model reads) or hf (Hugging Face transformers).
-        overwrite: replace OUT when it exists.
-    """
-    from protperf.pretrained import resolve_model
-
-    if out.exists() and not overwrite:
-        raise InputError(f"OUT {out}: the folder exists; pass --overwrite to replace it")
-    check_output_folder(out, option="OUT")
-    if format == "hf":
-        try:
-            from protperf import hf
-        except ImportError as error:
-            raise InputError(f"--format hf: {error}") from None
-    source = resolve_model(model)
-    loaded = read_model(source)
-    mode = "unidirectional" if loaded.config.causal else "bidirectional"
-    if format == "protperf":
-        export_model(loaded, out, mode=mode, metadata=export_metadata(source))
-    else:
-        staging = staging_folder(out)
-        try:
-            hf.save_hf(loaded, staging)
-            publish(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    print(f"wrote {out} ({format}, {mode}, from {source})")
-    return out
-
-
-def main(argv: list[str]) -> int:
-    """``protperf export``: returns the exit status."""
-    return run_verb(export, argv, prog="protperf export", positional=("model", "out"))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from protperf.attention import KERNEL_NAMES, NO_STEP
 from protperf.commandline import run_verb
 from protperf.durable import atomic_file, check_output_file
 from protperf.errors import InputError
@@ -228,7 +229,11 @@ def generate(
             f"--model {loaded.path} is a bidirectional (masked) model; generate samples from "
             "unidirectional (causal) models only"
         )
-    limit = config.max_length - 1 if config.positions == "learned" else None
+    if not config.decodes:
+        raise InputError(
+            f"--model {loaded.path}: " + NO_STEP.format(kernel=KERNEL_NAMES[config.kernel])
+        )
+    limit = config.max_length - 1 if config.length_limit is not None else None
     if max_length is None:
         max_length = config.max_length - 2
     if max_length <= 0 or (limit is not None and max_length > limit):
@@ -275,4 +280,6 @@ def generate(
 
 def main(argv: list[str]) -> int:
     """``protperf generate``: parse ``argv`` and sample; returns the exit status."""
-    return run_verb(generate, argv, prog="protperf generate", short={"num": "-n", "out": "-o"})
+    return run_verb(
+        generate, argv, prog="protperf generate", short={"num": "-n", "out": "-o"}, threads=True
+    )

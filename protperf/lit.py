@@ -352,6 +352,22 @@ class BidirectionalLM(ProteinLM):
         return objective_batch(batch, causal=False, masking=self.masking)
 
 
+class WatchPeers(pl.Callback):
+    """Starts this process's watch of the others (:mod:`protperf.peers`) once Lightning has set
+    up the process group of a multi-process run: a lost process stops the others, each with a
+    message naming it and saying ``resume``."""
+
+    def __init__(self, *, prog: str, resume: str) -> None:
+        self.prog, self.resume = prog, resume
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from protperf.peers import watch_peers
+
+        launcher = getattr(trainer.strategy, "launcher", None)
+        watch_peers(rank=trainer.global_rank, world_size=trainer.world_size, prog=self.prog,
+                    resume=self.resume, children=getattr(launcher, "procs", ()))  # fmt: skip
+
+
 class TrainingClock(pl.Callback):
     """Logs ``time/train_seconds``: wall time spent in training steps (forward, backward,
     optimiser), validation and checkpointing excluded, so runs compare by compute, not by how

@@ -21,7 +21,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from protperf.attention import Backend, FastAttention, Kernel, check_backend, check_kernel
+from protperf.attention import (
+    DEFAULT_BUCKET_SIZE,
+    DEFAULT_HASHES,
+    DEFAULT_LINFORMER_K,
+    KERNEL_NAMES,
+    LINFORMER_NOT_CAUSAL,
+    NO_STEP,
+    Backend,
+    FastAttention,
+    Kernel,
+    check_backend,
+    check_kernel,
+)
 from protperf.favor import DecodeState
 from protperf.objectives import IGNORE_INDEX
 from protperf.seeds import derive_seed
@@ -45,7 +57,8 @@ class PerformerConfig:
     max_length: int = 1024
     """Training crop length incl. <bos>/<eos>; caps only learned positions, not rotary ones."""
     kernel: Kernel = "softmax"
-    """Performer (FAVOR+) / Performer (generalized, ReLU features) / Transformer (exact)."""
+    """Performer (FAVOR+: softmax) / Performer (generalized: relu) / Transformer (exact) /
+    Reformer (LSH attention: reformer) / Linformer (linformer, bidirectional only)."""
     num_features: int = 256
     """m, random features per head (softmax kernel)."""
     feature_type: Literal["orthogonal", "iid", "deterministic"] | None = None
@@ -76,6 +89,14 @@ class PerformerConfig:
     attention_backend: Backend = "auto"
     """FAVOR+'s kernels: auto (Triton on CUDA when installed, else PyTorch), torch or triton.
     The same function either way: a run's exports load on any backend."""
+    lsh_bucket_size: int = DEFAULT_BUCKET_SIZE
+    """Reformer: the chunk length of LSH attention; a sequence of n tokens gets about
+    n / lsh_bucket_size buckets."""
+    lsh_hashes: int = DEFAULT_HASHES
+    """Reformer: rounds of hashing (more: closer to exact attention, slower)."""
+    linformer_k: int = DEFAULT_LINFORMER_K
+    """Linformer: k, the projected length of keys and values; its projections read at most
+    max_length tokens."""
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -88,7 +109,11 @@ class PerformerConfig:
             raise ValueError(f"positions must be 'rotary' or 'learned', got {self.positions!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("vocab_size", "depth", "ff_dim", "max_length", "num_features", "chunk_size"):
+        if self.kernel == "linformer" and self.causal:
+            raise ValueError(LINFORMER_NOT_CAUSAL)
+        positive = ("vocab_size", "depth", "ff_dim", "max_length", "num_features", "chunk_size",
+                    "lsh_bucket_size", "lsh_hashes", "linformer_k")  # fmt: skip
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.local_conv < 0:
@@ -97,6 +122,25 @@ class PerformerConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
+
+    @property
+    def decodes(self) -> bool:
+        """Whether :meth:`PerformerLM.decode_step` runs: a causal model whose attention keeps a
+        state (FAVOR+) or a cache (exact); LSH attention re-sorts the whole prefix every token."""
+        return self.causal and self.kernel not in ("reformer", "linformer")
+
+    @property
+    def length_limit(self) -> tuple[int, str] | None:
+        """(the most tokens one input may have, what sets it), or None: no limit.
+
+        Learned positions and Linformer's projections have ``max_length`` rows; rotary
+        positions and the other kernels read any length.
+        """
+        if self.positions == "learned":
+            return self.max_length, "learned positions"
+        if self.kernel == "linformer":
+            return self.max_length, "Linformer projections"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,7 +237,9 @@ class SelfAttention(nn.Module):
     def __init__(self, config: PerformerConfig, layer: int) -> None:
         super().__init__()
         self.heads, self.head_dim = config.heads, config.head_dim
-        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        # Reformer hashes one vector per position as query and key (shared QK): two projections.
+        self.shared_qk = config.kernel == "reformer"
+        self.qkv = nn.Linear(config.dim, (2 if self.shared_qk else 3) * config.dim)
         self.proj = nn.Linear(config.dim, config.dim)
         self.attention = FastAttention(
             head_dim=config.head_dim,
@@ -204,6 +250,10 @@ class SelfAttention(nn.Module):
             chunk_size=config.chunk_size,
             seed=derive_seed(config.feature_seed, layer),
             backend=config.attention_backend,
+            bucket_size=config.lsh_bucket_size,
+            n_hashes=config.lsh_hashes,
+            max_length=config.max_length,
+            linformer_k=config.linformer_k,
         )
         self.local = (
             LocalConv(config.dim, config.local_conv, config.causal) if config.local_conv else None
@@ -218,14 +268,16 @@ class SelfAttention(nn.Module):
     ) -> Tensor:
         """x: (B, L, D); padding_mask: (B, L) bool, True = padding; rope: (cos, sin) -> (B, L, D)."""
         batch, length, dim = x.shape
-        projected = self.qkv(x)  # (B, L, 3D): queries, keys, values
-        q, k, v = projected.view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        projected = self.qkv(x)  # (B, L, 3D): queries, keys, values (shared QK: 2D)
+        parts = projected.view(batch, length, -1, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = (parts[0], parts[0], parts[1]) if self.shared_qk else parts
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q = apply_rotary(q, *rope)
+            k = q if self.shared_qk else apply_rotary(k, *rope)
         out = self.attention(q, k, v, key_padding_mask=padding_mask)  # (B, H, L, d)
         out = out.transpose(1, 2).reshape(batch, length, dim)
         if self.local is not None:
-            out = out + self.local(projected[..., 2 * dim :], padding_mask)
+            out = out + self.local(projected[..., -dim:], padding_mask)
         return self.dropout(self.proj(out))
 
     def step(
@@ -249,7 +301,7 @@ class SelfAttention(nn.Module):
         recent = None
         if self.local is not None:
             local, recent = self.local.step(
-                projected[..., 2 * dim :], None if state is None else state.recent_values
+                projected[..., -dim:], None if state is None else state.recent_values
             )
             out = out + local
         return self.dropout(self.proj(out)), LayerState(attention_state, recent)
@@ -413,6 +465,8 @@ class PerformerLM(nn.Module):
         config = self.config
         if not config.causal:
             raise RuntimeError("decode_step needs a causal (unidirectional) model")
+        if not config.decodes:
+            raise RuntimeError(NO_STEP.format(kernel=KERNEL_NAMES[config.kernel]))
         if (states is None) != (position == 0):
             raise ValueError(f"states must be None exactly at position 0 (position {position})")
         x = self.embed(tokens.view(-1, 1))

@@ -27,7 +27,7 @@ from protperf.data.publish import DATA_DIR, MANIFEST, StagingDir, check_output
 from protperf.data.sources import Source, open_source
 from protperf.data.stream import is_url
 from protperf.data.uniprot import resolve_release
-from protperf.durable import recover_folder
+from protperf.durable import recover_folder, reporting_full_disk
 
 #: Environment variable naming the default UniProt mirror (an institution's, or a test server).
 MIRROR_VARIABLE = "PROTPERF_UNIPROT_MIRROR"
@@ -132,7 +132,7 @@ def prepare_data(
             held_out_accessions = _read_pfam_map(pfam_map, families, retries, retry_wait)
 
         stage = StagingDir(out, overwrite=overwrite)
-        with stage as staging:
+        with reporting_full_disk(out), stage as staging:
             builder = progress = tokenizer_json = None
             try:
                 for item in inputs:

@@ -28,6 +28,12 @@ by default. ``PROTPERF_FLUSH_DENORMAL=0`` keeps IEEE subnormals.
 
 :func:`float32_matmul_precision` sets ``torch.set_float32_matmul_precision`` for a block only
 (``train``, ``embed`` and ``evaluate`` run their models under it; default ``high``).
+
+Threads: a verb's ``--threads N`` (:func:`set_threads`) sets the intra-op threads of its process
+and of the processes it launches. Without it PyTorch's default stands (OMP_NUM_THREADS when set,
+else one thread per core), except that several processes of one run on one machine share its
+cores (:func:`share_cores`), as Lightning's launcher and torchrun do: threads of processes that
+compete for the same cores wait on each other at every operation (several times slower).
 """
 
 from __future__ import annotations
@@ -96,12 +102,57 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
+#: Launcher variables that say this process is one of several.
+_WORLD_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS")
+
+
+def one_of_several() -> bool:
+    """Whether a launcher (torchrun, SLURM, Lightning's) started this process as one of several."""
+    return any(int(os.environ.get(name, "1") or 1) > 1 for name in _WORLD_VARIABLES)
+
+
 def tune_process(*, runs_models: bool = True) -> None:
     """The ``protperf`` command's process settings: the allocator, and flush-to-zero when the
-    process runs models (it imports torch). Call it before torch is imported or used."""
+    process runs models (it imports torch). Call it before torch is imported or used.
+
+    A process started as one of several keeps torch's C++ warnings quiet (TORCH_CPP_LOG_LEVEL
+    ERROR, unless set): when another process is lost, torch.distributed's store client prints a
+    C++ stack for each request it fails, while protperf.peers says in one line what was lost.
+    """
     tune_cpu_allocator()
+    if runs_models and one_of_several():
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if runs_models:
         flush_denormals()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a job's share)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> None:
+    """Run this process's operations on ``threads`` intra-op threads, and tell the processes it
+    starts (OMP_NUM_THREADS) to do the same."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def share_cores(local_processes: int) -> int | None:
+    """Give each of ``local_processes`` processes of one run on this machine an equal share of
+    its cores (at least one thread), unless the threads were chosen (``--threads`` or
+    OMP_NUM_THREADS); returns the threads set, or None when nothing changed. Call it before the
+    other processes start: they inherit OMP_NUM_THREADS."""
+    if local_processes < 2 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    threads = max(1, available_cores() // local_processes)
+    set_threads(threads)
+    return threads
 
 
 def no_primitive_cache() -> None:

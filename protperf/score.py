@@ -440,15 +440,17 @@ def score(
         raise InputError(f"--tokens-per-batch must be positive, got {tokens_per_batch}")
     records, _ = read_fasta(fasta)
     rows = None if mutations is None else read_mutations(mutations, records, fasta)
-    loaded = load_for_inference(model, device)
+    # Without --model, a causal model: one pass gives its exact log-likelihood, where a masked
+    # one needs a pass per residue.
+    loaded = load_for_inference(model, device, causal=True)
     config = loaded.config
-    if config.positions == "learned":
-        limit = config.max_length - 2
+    if config.length_limit is not None:
+        limit, reason = config.length_limit[0] - 2, config.length_limit[1]
         for number, record in enumerate(records, start=1):
             if len(record.sequence) > limit:
                 raise InputError(
                     f"{fasta}: record {number} ({record.id!r}) has {len(record.sequence)} "
-                    f"residues; this model's learned positions read at most {limit}"
+                    f"residues; this model's {reason} read at most {limit}"
                 )
 
     from tqdm import tqdm
@@ -497,4 +499,6 @@ def score(
 
 def main(argv: list[str]) -> int:
     """``protperf score``: parse ``argv`` and score; returns the exit status."""
-    return run_verb(score, argv, prog="protperf score", positional=("fasta",), short={"out": "-o"})
+    return run_verb(
+        score, argv, prog="protperf score", positional=("fasta",), short={"out": "-o"}, threads=True
+    )

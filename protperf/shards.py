@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protperf.durable import atomic_file, recover_folder, remove_stale_temporaries, sync_tree
+from protperf.durable import (
+    atomic_file,
+    check_writes,
+    h5_file,
+    recover_folder,
+    remove_stale_temporaries,
+    reporting_full_disk,
+    sync_tree,
+)
 from protperf.errors import InputError
 from protperf.fasta import FastaRecord, SkippedRecord, scan_fasta
 
@@ -168,10 +176,15 @@ def open_shard_folder(folder: Path, key: dict[str, object], *, overwrite: bool) 
         shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
     staging = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    (staging / RUN_FILE).write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-    sync_tree(staging)
-    staging.rename(folder)
+    try:
+        with reporting_full_disk(folder):
+            staging.mkdir()
+            (staging / RUN_FILE).write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+            sync_tree(staging)
+            staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def discard_if_empty(folder: Path) -> None:
@@ -230,7 +243,7 @@ def write_shard(
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     layer_axis = (num_layers,) if num_layers > 1 else ()
     means = np.zeros((len(records), *layer_axis, dim), dtype=np.float32)
-    with atomic_file(out, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_file(out, overwrite=overwrite) as tmp, h5_file(tmp) as f:
         strings = h5py.string_dtype()
         f.create_dataset("ids", data=[r.id for r in records], dtype=strings)
         f.create_dataset("descriptions", data=[r.description for r in records], dtype=strings)
@@ -247,6 +260,7 @@ def write_shard(
                 rows = residues.numpy().reshape(-1, *residues_ds.shape[1:])
                 residues_ds[offsets[index] : offsets[index + 1]] = rows
             seen[index] = True
+            check_writes(f)  # a full disk stops the shard at once
             if progress is not None:
                 progress.update(int(lengths[index]))
         if not seen.all():
@@ -265,7 +279,7 @@ def merge_shards(
     import numpy as np
 
     total = plan.proteins
-    with atomic_file(out, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_file(out, overwrite=overwrite) as tmp, h5_file(tmp) as f:
         strings = h5py.string_dtype()
         row = residue = 0
         for shard in plan.shards:
@@ -291,5 +305,6 @@ def merge_shards(
                             start:stop
                         ]
                 row, residue = end, residue + shard.residues
+                check_writes(f)
         f.attrs.update(attrs)
     shutil.rmtree(folder)

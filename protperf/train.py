@@ -11,11 +11,11 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from protperf import runtime
+from protperf import peers, runtime
 from protperf.commandline import Fields, Keywords, Verb
 from protperf.data.datamodule import LoaderConfig
 from protperf.data.publish import DATA_DIR, find_dataset
-from protperf.durable import check_output_folder, remove_stale_temporaries
+from protperf.durable import check_output_folder, remove_stale_temporaries, reporting_full_disk
 from protperf.errors import InputError
 from protperf.lit import OptimConfig
 from protperf.model import PerformerConfig
@@ -130,9 +130,7 @@ def train(
     import pytorch_lightning as pl
 
     from protperf.data.datamodule import ProteinDataModule
-    from protperf.export import TESTED_SPLITS, export_model, model_from_state_dict
-    from protperf.lit import BidirectionalLM, UnidirectionalLM
-    from protperf.plot import plot_run
+    from protperf.lit import BidirectionalLM, UnidirectionalLM, WatchPeers
 
     model = model or PerformerConfig(**_preset("model", concat))
     optim, masking = optim or OptimConfig(), masking or MaskingConfig()
@@ -184,6 +182,8 @@ def train(
     callbacks = build_callbacks(
         run_dir, checkpoint_every, keep_checkpoints, has_validation=has_validation
     )
+    resume_hint = f"{last.parent} keeps the last checkpoint: run the command again with --resume"
+    callbacks.append(WatchPeers(prog=PROG, resume=resume_hint))
     loggers = build_loggers(
         run_dir, wandb=wandb, wandb_project=wandb_project, tensorboard=tensorboard
     )
@@ -192,20 +192,50 @@ def train(
         datamodule.check_batches(lightning.world_size)
     except ValueError as error:
         raise InputError(f"--data: {error}") from error
+    if lightning.world_size > 1:  # before the launcher starts the others: they inherit it
+        runtime.share_cores(lightning.num_devices)
+    # With its run_dir and data filled in, the saved settings resume the run.
+    arguments.update(
+        data=data, run_dir=run_dir, resume=False, model=model, optim=optim, masking=masking,
+        loader=loader, trainer=trainer_kwargs,
+    )  # fmt: skip
+    full = f"the checkpoints already in {last.parent} are kept: free some space, then --resume"
+    with reporting_full_disk(run_dir, then=full):
+        _fit(lightning, module, datamodule, run_dir, arguments, ckpt_path=ckpt_path, test=test,
+             float32_matmul_precision=float32_matmul_precision)  # fmt: skip
+    return TrainResult(lightning, module, datamodule, run_dir)
+
+
+def _fit(
+    lightning: Any,
+    module: Any,
+    datamodule: Any,
+    run_dir: Path,
+    arguments: dict[str, Any],
+    *,
+    ckpt_path: str | None,
+    test: bool,
+    float32_matmul_precision: MatmulPrecision,
+) -> None:
+    """Write the settings, fit, test, export and plot (rank 0 writes)."""
+    from protperf.export import TESTED_SPLITS, export_model, model_from_state_dict
+    from protperf.plot import plot_run
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    data, concat = arguments["data"], arguments["concat"]
     if lightning.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(last.parent)  # checkpoints a killed launch left half-written
-        # With its run_dir and data filled in, the saved settings resume the run.
-        arguments.update(
-            data=data, run_dir=run_dir, resume=False, model=model, optim=optim, masking=masking,
-            loader=loader, trainer=trainer_kwargs,
-        )  # fmt: skip
         (run_dir / "config.yaml").write_text(verb().dump(verb().settings_of(arguments)))
 
-    with runtime.float32_matmul_precision(float32_matmul_precision):
-        lightning.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if test and datamodule.test_dataloader():
-            lightning.test(module, datamodule=datamodule, verbose=lightning.is_global_zero)
+    try:
+        with runtime.float32_matmul_precision(float32_matmul_precision):
+            lightning.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            if test and datamodule.test_dataloader():
+                lightning.test(module, datamodule=datamodule, verbose=lightning.is_global_zero)
+    except Exception as error:  # a collective that failed because a process was lost
+        peers.await_verdict(error)
+        raise
     # Gathered on every rank (FSDP shards the weights), written by rank 0.
     state_dict = lightning.strategy.lightning_module_state_dict()
     if lightning.is_global_zero:
@@ -228,7 +258,6 @@ def train(
             plot_run(run_dir)
         except FileNotFoundError:  # nothing logged yet (fewer steps than log_every_n_steps)
             print(f"{PROG}: no metrics to plot in {run_dir}", file=sys.stderr)
-    return TrainResult(lightning, module, datamodule, run_dir)
 
 
 def _preset(group: str, concat: bool) -> dict[str, Any]:
@@ -340,6 +369,9 @@ def build_callbacks(
             save_top_k=keep_checkpoints,
             save_last=True,
             auto_insert_metric_name=False,
+            # A run resumed from before its last periodic checkpoint saves that step again:
+            # the same name (written atomically), not Lightning's step...-v1 beside it.
+            enable_version_counter=False,
         ),
         LearningRateMonitor(logging_interval="step"),
         TrainingClock(),
@@ -361,7 +393,7 @@ def build_callbacks(
 @cache
 def verb() -> Verb:
     """``protperf train``'s command line (built once: it reads Lightning's Trainer signature)."""
-    return Verb(train, prog=PROG, preset=_concat_preset)
+    return Verb(train, prog=PROG, preset=_concat_preset, threads=True)
 
 
 def parse(argv: list[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,13 @@ def proteome_dir(shared_data: Path) -> Path:
 def uniprot_dat_dir(shared_data: Path) -> Path:
     """Folder of UniProtKB flat-file records with Pfam cross-references."""
     return _require(shared_data / "uniprot-dat")
+
+
+@pytest.fixture(scope="session")
+def deeploc_dir(shared_data: Path) -> Path:
+    """DeepLoc 1.0 (subcellular localisation, 10 classes): its training subset and test set as
+    FASTA, the label in the header (../shared/data/deeploc/README.md)."""
+    return _require(shared_data / "deeploc")
 
 
 @contextlib.contextmanager
@@ -104,3 +112,21 @@ def trained_tiny_runs(tmp_path_factory, tiny_lm_data: Path) -> dict[str, Path]:
             assert train.main(args) == 0
         runs[mode] = run_dir
     return runs
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A fresh 3 MB tmpfs, unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        message = f"cannot mount a tmpfs here ({done.stderr.strip()})"
+        if in_ci():
+            pytest.fail(f"{message}; CI runs as root and must", pytrace=False)
+        pytest.skip(message)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -26,6 +26,8 @@ from protperf import cli
 from protperf.data.build import write_split
 from protperf.pretrained import packaged_models
 
+#: Verbs whose first argument is a subcommand, which their messages name (protperf probe fit).
+SUBCOMMANDS = {"probe"}
 #: Folders no process may create files in, whoever runs the tests (root too).
 UNWRITABLE = Path("/proc")
 
@@ -156,6 +158,33 @@ def score_mutations(ws: Workspace, model: Path, text: str) -> list:
     """`score` of the workspace's FASTA with ``model`` and a mutations file holding ``text``."""
     mutations_file(ws).write_text(text)
     return ["score", ws.fasta, "--model", model, "--mutations", mutations_file(ws)]
+
+
+def probe_fit(
+    ws: Workspace, train: str, test: str | None = None, *options, labels: str | None = None
+) -> list:
+    """`probe fit` of FASTA files holding ``train`` (and ``test``), written beside the workspace,
+    with the workspace's masked model; labels in field 2 of the headers, or in a CSV file holding
+    ``labels``."""
+    argv = ["probe", "fit", probe_file(ws, "train", train), "--model", ws.masked, "-o", "probe"]
+    if test is not None:
+        argv += ["--test", probe_file(ws, "test", test)]
+    if labels is not None:
+        return [*argv, "--labels", probe_file(ws, "labels.csv", labels), *options]
+    return [*argv, "--label-field", 2, *options]
+
+
+def probe_file(ws: Workspace, name: str, text: str) -> Path:
+    """``name``.fasta (or ``name`` itself, when it has a suffix) beside the workspace, holding
+    ``text``."""
+    path = ws.root.parent / (name if "." in name else f"{name}.fasta")
+    path.write_text(text)
+    return path
+
+
+#: Four proteins of two classes, a and b: enough to fit on (two folds).
+TWO_CLASSES = ">t1 a\nMKTAYIAK\n>t2 a\nMKLLVAG\n>t3 b\nMSTNPKPQ\n>t4 b\nMSSHHW\n"
+FOLDS_2 = ["--folds", 2]
 
 
 CASES = {
@@ -369,6 +398,56 @@ CASES = {
         lambda ws: f"{mutations_file(ws)}, line 2: no protein 'p3' in {ws.fasta}",
         NO_MODEL_WORK,
     ),
+    # probe: labels, classes and outputs checked before the model is loaded
+    "probe-id-without-label": Case(
+        lambda ws: probe_fit(
+            ws, TWO_CLASSES, None, *FOLDS_2, labels="id,label\nt1,a\nt2,a\nt3,b\n"
+        ),
+        lambda ws: (
+            f"{ws.root.parent / 'train.fasta'}: record 4 ('t4'): no label (its id is not in "
+            f"{ws.root.parent / 'labels.csv'})"
+        ),
+        NO_MODEL_WORK,
+    ),
+    "probe-label-only-in-test": Case(
+        lambda ws: probe_fit(ws, TWO_CLASSES, ">u1 c\nMKTAYIAK\n", *FOLDS_2),
+        lambda ws: (
+            f"{ws.root.parent / 'test.fasta'}: record 1 ('u1'): label 'c' is not among the "
+            "training labels (a, b)"
+        ),
+        NO_MODEL_WORK,
+    ),
+    "probe-one-class": Case(
+        lambda ws: probe_fit(ws, ">t1 a\nMKTAYIAK\n>t2 a\nMKLLVAG\n", None, *FOLDS_2),
+        lambda ws: (
+            f"{ws.root.parent / 'train.fasta'}: every protein has the label 'a'; a classifier "
+            "needs two classes or more"
+        ),
+        NO_MODEL_WORK,
+    ),
+    "probe-empty-file": Case(
+        lambda ws: probe_fit(ws, ""),
+        lambda ws: f"{ws.root.parent / 'train.fasta'}: no FASTA records (empty file?)",
+        NO_MODEL_WORK,
+    ),
+    "probe-not-a-number": Case(
+        lambda ws: probe_fit(ws, TWO_CLASSES, None, "--task", "regression", *FOLDS_2),
+        lambda ws: (
+            f"{ws.root.parent / 'train.fasta'}: record 1 ('t1'): label 'a' is not a number "
+            "(--task regression)"
+        ),
+        NO_MODEL_WORK,
+    ),
+    "probe-existing-output": Case(
+        lambda ws: probe_fit(ws, TWO_CLASSES, None, *FOLDS_2, "-o", ws.folder),
+        lambda ws: f"-o {ws.folder}: the folder exists; pass --overwrite to replace it",
+        NO_MODEL_WORK,
+    ),
+    "probe-predict-not-a-probe": Case(
+        lambda ws: ["probe", "predict", ws.folder, ws.fasta, "-o", "p.csv"],
+        lambda ws: f"PROBE {ws.folder}: no probe.json (not a folder that probe fit wrote)",
+        NO_MODEL_WORK,
+    ),
     # export: the output checked before the model is read
     "export-existing-output": Case(
         lambda ws: ["export", ws.causal, ws.folder],
@@ -437,7 +516,8 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(
     status = cli.main([verb, *args])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
-    assert terminal_lines(captured.err) == [f"protperf {verb}: error: {case.message(ws)}"]
+    program = f"protperf {verb} {args[0]}" if verb in SUBCOMMANDS else f"protperf {verb}"
+    assert terminal_lines(captured.err) == [f"{program}: error: {case.message(ws)}"]
     assert status == 1
     assert snapshot(root) == before
     assert not list(UNWRITABLE.glob("*protperf*"))

@@ -49,6 +49,7 @@ ABBREVIATED = {
     "evaluate": ["--model", "m", "--data", "d", "--form", "json"],
     "generate": ["--model", "m", "--temp", "1.0"],
     "score": ["x.fasta", "--model", "m", "--mutation", "m.csv"],
+    "probe": ["fit", "x.fasta", "-o", "p", "--te", "y.fasta"],
     "models": ["--ru", "runs"],
     "export": ["runs/x", "out", "--form", "hf"],
 }

@@ -19,13 +19,19 @@ PAPER_36 = {"depth": 36, "heads": 8, "dim": 512, "ff_dim": 1024, "max_length": 1
 CONCAT = {"depth": 6, "heads": 8, "dim": 512, "ff_dim": 2048, "max_length": 8192}
 
 
-def _parameters(depth: int, dim: int, ff_dim: int, local_conv: int = 0, vocab: int = 30) -> int:
-    """Analytic count: per block qkv + out + two LayerNorms + MLP (+ the local convolution's
-    depthwise kernel); tied embedding; final norm."""
+def _parameters(config) -> int:
+    """Analytic count: per block qkv (Reformer: shared qk and v) + out + two LayerNorms + MLP
+    (+ the local convolution's depthwise kernel, + Linformer's two n x k projections); tied
+    embedding; final norm."""
+    dim, ff_dim = config.dim, config.ff_dim
+    projections = 2 if config.kernel == "reformer" else 3
     block = (
-        (3 * dim * dim + 3 * dim) + (dim * dim + dim) + 4 * dim + (2 * dim * ff_dim + ff_dim + dim)
-    ) + dim * local_conv
-    return depth * block + vocab * dim + 2 * dim
+        (projections * (dim * dim + dim)) + (dim * dim + dim) + 4 * dim
+        + (2 * dim * ff_dim + ff_dim + dim) + dim * config.local_conv
+    )  # fmt: skip
+    if config.kernel == "linformer":
+        block += 2 * config.max_length * config.linformer_k
+    return config.depth * block + config.vocab_size * dim + 2 * dim
 
 
 def _build(path: Path):
@@ -50,8 +56,7 @@ def test_the_expected_configs_exist():
 def test_config_builds(path):
     cfg, module = _build(path)
     config = module.model.config
-    expected = _parameters(config.depth, config.dim, config.ff_dim, config.local_conv)
-    assert module.model.num_parameters() == expected
+    assert module.model.num_parameters() == _parameters(config)
     assert config.causal == (not cfg["bidirectional"])
     if path.stem.endswith("-36") or "-36-" in path.stem:
         assert {key: getattr(config, key) for key in PAPER_36} == PAPER_36

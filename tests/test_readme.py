@@ -394,6 +394,29 @@ def _check_score(argv: list[str], out_text: str) -> None:
         ]
 
 
+def _check_probe(argv: list[str], out_text: str) -> None:
+    """`probe fit`: the probe folder and, with --test, the report's figures; `probe predict`:
+    one row per protein, in FASTA order."""
+    import csv
+
+    from protperf.fasta import read_fasta
+    from protperf.probe import default_predictions
+
+    if argv[1] == "fit":
+        out = Path(_option(argv, "-o", "--out"))
+        assert sorted(p.name for p in out.iterdir()) == [
+            "probe.json", "probe.safetensors", "report.json", "report.md"]  # fmt: skip
+        assert out_text == (out / "report.md").read_text()
+        if _option(argv, "--test"):
+            assert json.loads((out / "report.json").read_text())["figures"]["embeddings"]
+        return
+    fasta = Path(argv[3])
+    out = Path(_option(argv, "-o", "--out", default=str(default_predictions(fasta))))
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["id"] for row in rows] == [record.id for record in read_fasta(fasta)[0]]
+
+
 def run_protperf_command(argv: list[str]) -> tuple[str, str]:
     """Run a README `protperf ...` (argv without the program name) and check its promises;
     returns what it printed on standard output and standard error."""
@@ -430,6 +453,8 @@ def run_protperf_command(argv: list[str]) -> tuple[str, str]:
         _check_plot(argv, out_text)
     elif verb == "score":
         _check_score(argv, out_text)
+    elif verb == "probe":
+        _check_probe(argv, out_text)
     elif verb == "export":
         _check_export(argv, out_text)
     return out_text, err_text

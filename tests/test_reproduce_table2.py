@@ -25,8 +25,12 @@ from protperf.plot import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "reproduce_table2.py"
 CONFIGS = ROOT / "configs" / "table2"
-KERNELS = {"transformer": "exact", "performer-generalized": "relu", "performer-softmax": "softmax"}
-SINGLE = [f"{mode}-{model}" for mode in ("uni", "bid") for model in KERNELS]
+KERNELS = {"transformer": "exact", "performer-generalized": "relu", "performer-softmax": "softmax",
+           "reformer": "reformer", "linformer": "linformer"}  # fmt: skip
+KERNEL_OPTIONS = ("model.kernel", "model.lsh_bucket_size", "model.lsh_hashes", "model.linformer_k")
+#: Linformer has no causal form: no uni-linformer.
+SINGLE = [f"{mode}-{model}" for mode in ("uni", "bid") for model in KERNELS
+          if (mode, model) != ("uni", "linformer")]  # fmt: skip
 CONCAT = ["concat-transformer", "concat-performer-generalized"]
 
 
@@ -76,8 +80,10 @@ def test_table2_configs_load_and_differ_only_in_the_kernel():
         assert config["bidirectional"] == name.startswith("bid-"), name
         assert config["concat"] == name.startswith("concat-"), name
     for mode in ("uni", "bid"):
-        first, *others = (_without(resolved[f"{mode}-{m}"], "model.kernel") for m in KERNELS)
+        names = [name for name in SINGLE if name.startswith(mode)]
+        first, *others = (_without(resolved[name], *KERNEL_OPTIONS) for name in names)
         assert all(other == first for other in others), mode
+    assert resolved["bid-linformer"]["model"]["linformer_k"] == 64  # n / k = 256 / 64 = 4
     transformer, performer = (
         _without(resolved[n], "model.kernel", "trainer.max_steps") for n in CONCAT
     )
@@ -113,11 +119,16 @@ def test_table2_configs_hold_the_reported_settings():
 
 def test_runs_are_selected_by_name_or_glob_in_table_order(script, tmp_path):
     runs = script.select_runs(["concat-*", "uni-*", "uni-transformer"], tmp_path)
-    assert [run.name for run in runs] == [*SINGLE[:3], *CONCAT]
+    assert [run.name for run in runs] == [*SINGLE[:4], *CONCAT]
     assert [run.run_dir for run in runs] == [tmp_path / run.name for run in runs]
-    assert [run.kernel for run in runs] == ["exact", "relu", "softmax", "exact", "relu"]
-    assert [run.concat for run in runs] == [False] * 3 + [True] * 2
+    assert [run.kernel for run in runs] == ["exact", "relu", "softmax", "reformer", "exact", "relu"]
+    assert [run.concat for run in runs] == [False] * 4 + [True] * 2
     assert [run.name for run in script.select_runs(["*"], tmp_path)] == SINGLE + CONCAT
+    seeded = script.select_runs(["bid-linformer", "uni-transformer"], tmp_path, seeds=[1, 0])
+    assert [(run.name, run.seed, run.run_dir.name) for run in seeded] == [
+        ("uni-transformer", 0, "uni-transformer"), ("uni-transformer", 1, "uni-transformer-seed1"),
+        ("bid-linformer", 0, "bid-linformer"), ("bid-linformer", 1, "bid-linformer-seed1"),
+    ]  # fmt: skip
     with pytest.raises(SystemExit, match="no config"):
         script.select_runs(["uni-lstm"], tmp_path)
 
@@ -198,7 +209,7 @@ def test_smoke_table2_is_evaluate_json_and_verdicts_agree(smoke, script):
     out, _ = smoke
     text = (out / "table2.md").read_text()
     rows = {tuple(row[:3]): row[3:] for row in _table_rows(text)}
-    assert len(rows) == 4 * 4  # (UNI, BID) x (test, OOD) x (unigram + 3 models)
+    assert len(rows) == 2 * (1 + 4) + 2 * (1 + 5)  # (test, OOD) x (unigram + models): UNI, BID
     verdicts = _verdicts(text)
     unigram_verdicts = transformer_verdicts = 0
     for name in SINGLE:
@@ -209,9 +220,11 @@ def test_smoke_table2_is_evaluate_json_and_verdicts_agree(smoke, script):
         assert evaluation["kernel"] == KERNELS[name.split("-", 1)[1]]
         for split, set_name in (("test", "test"), ("ood", "OOD")):
             scores, baseline = (evaluation["splits"][split][k] for k in ("model", "baseline"))
-            row = rows[(mode, set_name, model)]
+            seeds, *row = rows[(mode, set_name, model)]
+            assert seeds == "1" and row[2] == f"{scores['perplexity']:.2f}"  # one seed: itself
+            del row[2]
             assert row[:2] == [f"{100 * scores['accuracy']:.2f}", f"{scores['perplexity']:.2f}"]
-            assert rows[(mode, set_name, script.BASELINE)][:2] == [
+            assert rows[(mode, set_name, script.BASELINE)][1:3] == [
                 f"{100 * baseline['accuracy']:.2f}",
                 f"{baseline['perplexity']:.2f}",
             ]
@@ -228,13 +241,13 @@ def test_smoke_table2_is_evaluate_json_and_verdicts_agree(smoke, script):
             line = next(v for v in verdicts if v.startswith(f"{mode} {model}: test ppl {row[1]},"))
             assert verdicts[line] == (vs_unigram <= -0.10)
             unigram_verdicts += 1
-            if model != "Transformer":
+            if model.startswith("Performer"):
                 prefix = f"{mode} {model}: test ppl {row[3]} vs the Transformer"
                 line = next(v for v in verdicts if v.startswith(prefix))
                 assert verdicts[line] == (vs_transformer <= 0.03)
                 transformer_verdicts += 1
-    assert (unigram_verdicts, transformer_verdicts) == (6, 4)
-    assert len(verdicts) == 6 + 4 + 1  # and the concat one
+    assert (unigram_verdicts, transformer_verdicts) == (9, 4)
+    assert len(verdicts) == 9 + 4 + 1  # and the concat one
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == {*SINGLE, *CONCAT}
     assert [check["pass"] for check in results["checks"]] == list(verdicts.values())
@@ -286,7 +299,7 @@ def test_rerun_skips_finished_runs(smoke, script, capsys):
     assert script.main(argv) == 0
     printed = capsys.readouterr().out
     assert "$ protperf" not in printed  # nothing prepared, trained or evaluated
-    assert "reusing" in printed and printed.count("skip ") == 8
+    assert "reusing" in printed and printed.count("skip ") == 11
     assert {name: (_digest(p), p.stat().st_mtime_ns) for name, p in exports.items()} == before
     assert _table_rows((out / "table2.md").read_text()) == table
 
@@ -309,7 +322,7 @@ def test_rerun_resumes_an_interrupted_run(smoke, script, capsys):
     assert commands[0].startswith("$ protperf train --config ") and str(run_dir) in commands[0]
     assert " --resume" in commands[0]
     assert commands[1].startswith(f"$ protperf evaluate --model {run_dir} ")
-    assert printed.count("skip ") == 7
+    assert printed.count("skip ") == 10
     versions = sorted((run_dir / "logs").glob("version_*/metrics.csv"))
     assert len(versions) == 2
     relaunch = read_metrics(versions[1].parent)["train/loss"]
@@ -318,3 +331,24 @@ def test_rerun_resumes_an_interrupted_run(smoke, script, capsys):
     assert resumed.keys() == trained.keys()
     for name, tensor in trained.items():
         assert torch.equal(resumed[name], tensor), name  # training is deterministic on a CPU
+
+
+def test_a_second_seed_is_reported_beside_the_first(smoke, script):
+    """--seeds 1 trains only the seed-1 runs; the table then gives both seeds' perplexities and
+    their mean."""
+    out, argv = smoke
+    trained = {name: _digest(out / name / "export" / "model.safetensors")
+               for name in ("bid-transformer", "bid-linformer")}  # fmt: skip
+    assert script.main([*argv, "--runs", *trained, "--seeds", "1"]) == 0
+    rows = {tuple(row[:3]): row[3:] for row in _table_rows((out / "table2.md").read_text())}
+    for name, digest in trained.items():
+        assert _digest(out / name / "export" / "model.safetensors") == digest  # not retrained
+        evaluations = [json.loads((out / folder / "evaluate.json").read_text())
+                       for folder in (name, f"{name}-seed1")]  # fmt: skip
+        ppl = [e["splits"]["test"]["model"]["perplexity"] for e in evaluations]
+        assert ppl[0] != ppl[1]  # another seed: other weights
+        seeds, _, mean, per_seed, *_ = rows[
+            ("BID", "test", script.MODELS[evaluations[0]["kernel"]])
+        ]
+        assert seeds == "2" and per_seed == f"{ppl[0]:.2f} / {ppl[1]:.2f}"
+        assert mean == f"{(ppl[0] + ppl[1]) / 2:.2f}"

@@ -21,6 +21,7 @@ on for ``tokens`` and ``concat`` where disk matters more than loading speed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from protperf import __version__
 from protperf.data.errors import DataError
+from protperf.durable import check_writes, close_h5, create_h5
 
 FORMAT_VERSION = 1
 TOKEN_CHUNK = 1 << 16
@@ -53,7 +55,9 @@ class SplitWriter:
 
     ``append`` takes the next sequences (their tokens back to back, their lengths and
     accessions); ``append_concat`` the next rows of ``concat`` (shape (k, concat_length)).
-    Memory: at most about 32 MB of tokens are buffered.
+    Memory: at most about 32 MB of tokens are buffered. A full disk raises ``OSError`` (ENOSPC,
+    naming the file) at the next write or at :meth:`close`, never a crash: the file is written
+    through :func:`protperf.durable.create_h5`.
     """
 
     def __init__(
@@ -71,7 +75,7 @@ class SplitWriter:
         self.split = split
         self.concat_length = concat_length
         self.seed = seed
-        self._file = h5py.File(self.path, "w")
+        self._file = create_h5(self.path)
         big = _filter(compression)
         small = {"compression": "lzf"}
         self._tokens = self._file.create_dataset(
@@ -143,6 +147,7 @@ class SplitWriter:
         self.num_tokens += size
         self._pending, self._pending_lengths, self._pending_accessions = [], [], []
         self._pending_tokens = 0
+        check_writes(self._file)
 
     def append_concat(self, rows: np.ndarray) -> None:
         """Add rows of ``concat``: uint8, shape (k, concat_length)."""
@@ -154,6 +159,7 @@ class SplitWriter:
         self._concat.resize((start + len(rows), self.concat_length))
         self._concat[start:] = rows
         self.concat_chunks += len(rows)
+        check_writes(self._file)
 
     def close(self, **attrs: object) -> None:
         """Flush, write the attributes (plus any in ``attrs``) and close the file."""
@@ -171,11 +177,12 @@ class SplitWriter:
                 **attrs,
             }
         )
-        self._file.close()
+        close_h5(self._file)
 
     def abort(self) -> None:
         """Close without finishing (the caller deletes the file)."""
-        self._file.close()
+        with contextlib.suppress(OSError):  # the write that failed was raised already
+            close_h5(self._file)
 
 
 @dataclass

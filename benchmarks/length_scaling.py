@@ -1,0 +1,460 @@
+"""The paper's speed figure: one training pass of the whole model against L, for every kernel,
+each step's peak memory, and the longest L that fits in a memory budget (16 GB, the paper's).
+
+The model is the paper's speed-figure shape (6 layers, d 512, 8 heads, d_ff 2,048, batch 1; FAVOR+
+with m = 256), random weights, float32 on a CPU (``--precision bf16-mixed`` on a GPU). One
+forward + backward pass is timed at L = 1,024, 2,048, ... for each contender:
+
+* OPT, the ceiling: the same model whose attention returns V;
+* exact attention twice: PyTorch's fused ``scaled_dot_product_attention`` (its flash and
+  memory-efficient kernels never hold the L x L matrix) and the paper's materialized
+  softmax(QK^T)V, which does;
+* FAVOR+ (softmax, m = 256) and the generalized Performer (ReLU);
+* Reformer (LSH attention: chunks of 64, 4 hash rounds) and Linformer (k = 256, bidirectional);
+
+causal and bidirectional. Every (contender, L) runs in a fresh process: the peak memory is that
+step's alone (the process's peak RSS on a CPU, ``max_memory_allocated`` on a GPU), with the model,
+its gradients and the libraries included. A curve ends at the first L whose step exceeds the
+memory budget (the process is killed when it crosses it) or the time cap (``--time-cap``: a step
+that takes longer is stopped there), and the table says which. The first step of a process is
+a warm-up; when it takes under ``--repeat-under`` seconds a second one is timed and the faster
+one kept.
+
+Then the decoding curve: tokens/s of one decoding step (batch 1, the same shape, causal) at
+positions doubling from 1,024, FAVOR+'s constant state against the key/value cache of exact
+attention (protperf's own), up to the longest prompt whose cache fits in the budget. The cache is
+filled with random keys and values of the prompt's length instead of decoding the prompt token by
+token, which would take hours and costs the same per step afterwards.
+
+    python benchmarks/length_scaling.py                       # the tables and the figure
+    python benchmarks/length_scaling.py --contenders "FAVOR+ ReLU, causal" --max-length 8192
+    python benchmarks/length_scaling.py --device cuda --precision bf16-mixed
+    python benchmarks/length_scaling.py --layers 1 --dim 64 --heads 2 --ff-dim 128 \\
+        --max-length 2048 --no-decode --out /tmp/scaling     # the pipeline in seconds
+
+Writes OUT/length_scaling.json, OUT/length_scaling.md and OUT/length_scaling.png (step time and
+peak memory against L, log-log, and decoding tokens/s against position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+#: name -> (kernel, causal); "opt" and "materialized" are the benchmark's own attentions.
+CONTENDERS = {
+    "OPT": ("opt", False),
+    "exact (SDPA), bidirectional": ("exact", False),
+    "exact (SDPA), causal": ("exact", True),
+    "exact (materialized), bidirectional": ("materialized", False),
+    "exact (materialized), causal": ("materialized", True),
+    "FAVOR+ softmax, bidirectional": ("softmax", False),
+    "FAVOR+ softmax, causal": ("softmax", True),
+    "FAVOR+ ReLU, bidirectional": ("relu", False),
+    "FAVOR+ ReLU, causal": ("relu", True),
+    "Reformer, bidirectional": ("reformer", False),
+    "Reformer, causal": ("reformer", True),
+    "Linformer, bidirectional": ("linformer", False),
+}
+GB = 1024**3
+MB = 1024**2
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one contender at one length, in its own process
+# ---------------------------------------------------------------------------------------------
+
+
+def _emit(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def _vm_kib(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith(key + ":")))
+
+
+def _attention_module(kind: str, causal: bool):
+    """OPT (returns V) or the paper's materialized softmax attention, FastAttention's signature."""
+    import torch
+    from torch import nn
+
+    class ReturnValues(nn.Module):
+        def forward(self, q, k, v, key_padding_mask=None):
+            return v
+
+    class Materialized(nn.Module):
+        def forward(self, q, k, v, key_padding_mask=None):
+            scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, L, L)
+            if causal:
+                future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(future, -torch.inf)
+            return scores.softmax(dim=-1) @ v
+
+    return ReturnValues() if kind == "opt" else Materialized()
+
+
+def build_model(args: argparse.Namespace, kernel: str, causal: bool, length: int):
+    """The speed-figure model with ``kernel``'s attention (random weights, seed 0)."""
+    import torch
+
+    from protperf.model import PerformerConfig, PerformerLM
+
+    torch.manual_seed(0)
+    native = kernel not in ("opt", "materialized")
+    config = PerformerConfig(
+        dim=args.dim, depth=args.layers, heads=args.heads, ff_dim=args.ff_dim,
+        num_features=args.num_features, max_length=length, dropout=0.1, causal=causal,
+        kernel=kernel if native else "exact",
+    )  # fmt: skip
+    model = PerformerLM(config)
+    if not native:
+        for block in model.blocks:
+            block.attn.attention = _attention_module(kernel, causal)
+    return model
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Time forward + backward steps of one contender at one length; prints JSON events."""
+    from protperf.runtime import tune_process
+
+    tune_process()
+    import torch
+
+    from protperf.tokenizer import FIRST_RESIDUE_ID, MASK
+
+    kernel, causal = CONTENDERS[args.contender]
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb * GB / total), device)
+    model = build_model(args, kernel, causal, args.length).to(device)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(FIRST_RESIDUE_ID, 30, (1, args.length + 1), generator=generator)
+    if causal:
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    else:  # masked LM: 15% of the positions predicted
+        inputs = tokens[:, :-1].clone()
+        selected = torch.rand(inputs.shape, generator=generator) < 0.15
+        targets = torch.where(selected, inputs, -100)
+        inputs[selected] = MASK
+    inputs, targets = inputs.to(device), targets.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=args.precision == "bf16-mixed")  # fmt: skip
+
+    def step() -> float:
+        start = time.perf_counter()
+        with autocast:
+            loss = model(inputs, targets=targets)["loss"]
+        loss.backward()
+        model.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    _emit(event="ready")
+    times = [step()]
+    if times[0] < args.repeat_under:
+        times.append(step())
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _vm_kib("VmHWM") * 1024
+    _emit(event="done", seconds=min(times), steps=len(times), peak_bytes=peak,
+          threads=torch.get_num_threads())  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` (0 once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((line for line in text.splitlines() if line.startswith("VmRSS:")), "VmRSS: 0")
+    return int(line.split()[1]) * 1024
+
+
+def measure(args: argparse.Namespace, contender: str, length: int) -> dict:
+    """Run the worker; returns {"seconds", "peak_bytes"} or {"ended": "memory" | "time" | error}."""
+    command = [sys.executable, __file__, "--worker", "--contender", contender,
+               "--length", str(length), *_shape_args(args)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    started, ready_at, result = time.perf_counter(), None, None
+    ended = None
+    while result is None and ended is None:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            process.wait()
+            error = process.stderr.read().strip().splitlines()
+            memory = "out of memory" in (error[-1] if error else "").lower()
+            ended = "memory" if memory or process.returncode == -9 else f"error: {error[-1:]}"
+            break
+        if line.strip():
+            event = json.loads(line)
+            if event["event"] == "ready":
+                ready_at = time.perf_counter()
+            elif event["event"] == "done":
+                result = event
+        if args.device == "cpu" and _rss_bytes(process.pid) > args.budget_gb * GB:
+            ended = "memory"
+        else:
+            now = time.perf_counter()
+            stepping = ready_at is not None and now - ready_at > args.time_cap
+            if stepping or now - started > args.time_cap + args.setup_cap:
+                ended = "time"
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    if ended is not None:
+        return {"ended": ended}
+    if result["peak_bytes"] > args.budget_gb * GB:
+        return {"ended": "memory", "peak_bytes": result["peak_bytes"]}
+    return result
+
+
+def _shape_args(args: argparse.Namespace) -> list[str]:
+    return [
+        "--layers", str(args.layers), "--dim", str(args.dim), "--heads", str(args.heads),
+        "--ff-dim", str(args.ff_dim), "--num-features", str(args.num_features),
+        "--device", args.device, "--precision", args.precision, "--budget-gb", str(args.budget_gb),
+        "--repeat-under", str(args.repeat_under),
+    ]  # fmt: skip
+
+
+def lengths(args: argparse.Namespace) -> list[int]:
+    out, length = [], args.min_length
+    while length <= args.max_length:
+        out.append(length)
+        length *= 2
+    return out
+
+
+def scaling_curves(args: argparse.Namespace) -> dict[str, dict]:
+    """{contender: {"points": {L: measurement}, "longest": L or None, "ended": why}}."""
+    curves = {}
+    for contender in args.contenders:
+        points, longest, ended = {}, None, "the longest length asked for"
+        for length in lengths(args):
+            result = measure(args, contender, length)
+            shown = (
+                ("ended by " + result["ended"])
+                if "ended" in result
+                else (f"{result['seconds']:.2f} s, peak {result['peak_bytes'] / GB:.2f} GB")
+            )
+            print(f"{contender:<38} L {length:>7,}: {shown}", flush=True)
+            if "ended" in result:
+                ended = result["ended"]
+                break
+            points[length], longest = result, length
+        curves[contender] = {"points": points, "longest": longest, "ended": ended}
+    return curves
+
+
+def decoding_curve(args: argparse.Namespace) -> dict:
+    """tokens/s and state bytes at each position: FAVOR+ (softmax and ReLU) and the KV cache."""
+    import torch
+    from embed_generate import state_bytes  # benchmarks/ is the script's folder
+
+    from protperf.attention import DecodeState
+    from protperf.model import LayerState
+
+    torch.set_num_threads(args.threads)
+    head_dim = args.dim // args.heads
+    per_token = args.layers * 2 * args.dim * 4  # keys and values of every layer, float32
+    curves: dict[str, dict[int, dict]] = {}
+    for name, kernel in (("FAVOR+ softmax", "softmax"), ("FAVOR+ ReLU", "relu"),
+                         ("exact, KV cache", "exact")):  # fmt: skip
+        model = build_model(args, kernel, True, 1024).eval()
+        token = torch.tensor([7])
+        _, states = model.decode_step(token, None, 0)
+        curves[name] = {}
+        position = 1024
+        while position <= args.max_decode_position:
+            if kernel == "exact":
+                if position * per_token > args.budget_gb * GB:
+                    break
+                states = [LayerState(DecodeState(
+                    torch.randn(1, args.heads, position, head_dim),
+                    torch.randn(1, args.heads, position, head_dim)), None)
+                    for _ in range(args.layers)]  # fmt: skip
+            size = state_bytes(states)
+            steps, start = 0, time.perf_counter()
+            with torch.no_grad():
+                while steps < 3 or time.perf_counter() - start < args.decode_seconds:
+                    # The same state each time: the cost of the step at this position.
+                    model.decode_step(token, states, position)
+                    steps += 1
+            rate = steps / (time.perf_counter() - start)
+            curves[name][position] = {"tokens_per_s": rate, "state_bytes": size}
+            print(f"decode {name:<16} position {position:>9,}: {rate:8.1f} tokens/s, "
+                  f"state {size / MB:,.2f} MB", flush=True)  # fmt: skip
+            position *= 2
+    return curves
+
+
+def _time_cell(point: dict | None) -> str:
+    return "" if point is None else f"{point['seconds']:.3g}"
+
+
+def format_tables(args: argparse.Namespace, curves: dict, decode: dict | None) -> str:
+    all_lengths = sorted({length for c in curves.values() for length in c["points"]})
+    head = "| contender | " + " | ".join(f"{length:,}" for length in all_lengths) + " |"
+    rule = "|---|" + "---:|" * len(all_lengths)
+    lines = ["Forward + backward step (s) against L; blank: past the curve's end", "", head, rule]
+    for name, curve in curves.items():
+        cells = [_time_cell(curve["points"].get(length)) for length in all_lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak memory of the step's process (GB) against L", "", head, rule]
+    for name, curve in curves.items():
+        cells = [(f"{p['peak_bytes'] / GB:.2f}" if (p := curve["points"].get(length)) else "")
+                 for length in all_lengths]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    opt = curves.get("OPT", {}).get("points", {})
+    lines += ["", f"Longest L within {args.budget_gb:g} GB and {args.time_cap:g} s a step:", "",
+              "| contender | longest L | step (s) | vs OPT at that L | peak (GB) | ended by |",
+              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, curve in curves.items():
+        longest = curve["longest"]
+        if longest is None:
+            lines.append(f"| {name} | none | | | | {curve['ended']} |")
+            continue
+        point = curve["points"][longest]
+        ratio = f"{point['seconds'] / opt[longest]['seconds']:.2f}x" if longest in opt else ""
+        lines.append(f"| {name} | {longest:,} | {_time_cell(point)} | {ratio} | "
+                     f"{point['peak_bytes'] / GB:.2f} | {curve['ended']} |")  # fmt: skip
+    if decode:
+        positions = sorted({p for c in decode.values() for p in c})
+        lines += ["", "Decoding (batch 1, causal): tokens/s (state or cache, MB):", "",
+                  "| position | " + " | ".join(decode) + " |", "|---:|" + "---:|" * len(decode)]  # fmt: skip
+        for position in positions:
+            cells = [(f"{p['tokens_per_s']:.1f} ({p['state_bytes'] / MB:,.3g})"
+                      if (p := decode[n].get(position)) else "") for n in decode]  # fmt: skip
+            lines.append(f"| {position:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict, decode: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if decode else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8))
+    for name, curve in curves.items():
+        points = sorted(curve["points"].items())
+        if not points:
+            continue
+        xs = [length for length, _ in points]
+        style = "--" if "causal" in name else "-"
+        axes[0].plot(xs, [p["seconds"] for _, p in points], style, marker="o", label=name)
+        axes[1].plot(xs, [p["peak_bytes"] / GB for _, p in points], style, marker="o", label=name)
+    for ax, what in zip(axes[:2], ("forward + backward (s)", "peak memory (GB)"), strict=True):
+        ax.set(xscale="log", yscale="log", xlabel="L", ylabel=what)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=6)
+    if decode:
+        for name, points in decode.items():
+            xs = sorted(points)
+            axes[2].plot(xs, [points[x]["tokens_per_s"] for x in xs], marker="o", label=name)
+        axes[2].set(xscale="log", yscale="log", xlabel="position", ylabel="decoding tokens/s")
+        axes[2].set_xscale("log", base=2)
+        axes[2].grid(alpha=0.3, which="both")
+        axes[2].legend(fontsize=7)
+    fig.suptitle("Speed against length: one training pass, and decoding")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine(args: argparse.Namespace) -> str:
+    import torch
+
+    if args.device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.precision}"
+    cpu = platform.processor() or platform.machine()
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if "model name" in line), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--ff-dim", type=int, default=2048)
+    parser.add_argument("--num-features", type=int, default=256)
+    parser.add_argument("--min-length", type=int, default=1024)
+    parser.add_argument("--max-length", type=int, default=1 << 20)
+    parser.add_argument("--budget-gb", type=float, default=16.0, help="memory budget (the paper's)")
+    parser.add_argument("--time-cap", type=float, default=240.0, help="seconds a step may take")
+    parser.add_argument("--setup-cap", type=float, default=300.0, help=argparse.SUPPRESS)
+    parser.add_argument("--repeat-under", type=float, default=30.0,
+                        help="time a second step when the first took less (s)")  # fmt: skip
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each process")
+    parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--max-decode-position", type=int, default=1 << 19)
+    parser.add_argument("--decode-seconds", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=Path("runs/length_scaling"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    # Every process on the same number of threads (the workers inherit it).
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    curves = scaling_curves(args)
+    decode = decoding_curve(args) if args.decode and args.device == "cpu" else None
+    text = "\n".join([
+        f"Model: {args.layers} layers, d {args.dim}, {args.heads} heads, d_ff {args.ff_dim}, "
+        f"m = {args.num_features}, batch 1, {args.precision}. Machine: {machine(args)}.", "",
+        format_tables(args, curves, decode), "",
+    ])  # fmt: skip
+    (args.out / "length_scaling.md").write_text(text)
+    (args.out / "length_scaling.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "decode": decode},
+        indent=2) + "\n")  # fmt: skip
+    plot(curves, decode, args.out / "length_scaling.png")
+    print("\n" + text)
+    print(f"wrote {args.out}/length_scaling.md, .json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""benchmarks/length_scaling.py, the speed figure's harness, on a tiny model: a curve ends where
+its step crosses the memory budget, each kernel's model is the one named, and the decoding
+states are the sizes they should be."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "length_scaling.py"
+TINY = ["--layers", "1", "--dim", "64", "--heads", "2", "--ff-dim", "128", "--num-features", "16"]
+
+
+@pytest.fixture(scope="module")
+def script():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports embed_generate beside it
+    spec = importlib.util.spec_from_file_location("length_scaling", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(SCRIPT.parent))
+
+
+def test_curves_end_at_the_memory_budget_and_the_tables_say_so(script, tmp_path):
+    contenders = ["exact (materialized), bidirectional", "FAVOR+ ReLU, bidirectional"]
+    argv = [*TINY, "--max-length", "4096", "--budget-gb", "0.45", "--no-decode",
+            "--out", str(tmp_path), "--contenders", *contenders]  # fmt: skip
+    assert script.main(argv) == 0
+    curves = json.loads((tmp_path / "length_scaling.json").read_text())["curves"]
+    materialized, favor = (curves[name] for name in contenders)
+    # The L x L matrices outgrow the budget; FAVOR+'s memory hardly moves.
+    assert materialized["ended"] == "memory" and materialized["longest"] in (1024, 2048)
+    assert favor["ended"] == "the longest length asked for" and favor["longest"] == 4096
+    peaks = {int(length): point["peak_bytes"] for length, point in favor["points"].items()}
+    assert max(peaks.values()) < 0.45 * script.GB
+    assert peaks[4096] - peaks[1024] < 0.1 * script.GB
+    table = (tmp_path / "length_scaling.md").read_text()
+    assert f"| {contenders[0]} | {materialized['longest']:,} |" in table
+    assert table.count("| memory |") == 1
+    assert (tmp_path / "length_scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "contender",
+    ["OPT", "exact (materialized), causal", "Reformer, causal", "Linformer, bidirectional"],
+)
+def test_each_contender_builds_the_model_it_names(script, contender):
+    args = script.parse_args(TINY)
+    kernel, causal = script.CONTENDERS[contender]
+    model = script.build_model(args, kernel, causal, 256)
+    attention = model.blocks[0].attn.attention
+    assert model.config.causal == causal
+    tokens = torch.randint(5, 30, (1, 256))
+    if kernel in ("opt", "materialized"):
+        q, k, v = torch.randn(3, 1, 2, 8, 32).unbind(0)
+        out = attention(q, k, v)
+        if kernel == "opt":
+            assert torch.equal(out, v)
+        else:  # the paper's softmax(QK^T)V, as PyTorch's fused kernel computes it
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            torch.testing.assert_close(out, want)
+    else:
+        assert model.config.kernel == kernel
+    assert model(tokens)["logits"].shape == (1, 256, 30)
+
+
+def test_decoding_states_are_constant_for_favor_and_linear_for_the_cache(script):
+    args = script.parse_args([*TINY, "--max-decode-position", "4096", "--decode-seconds", "0"])
+    curves = script.decoding_curve(args)
+    favor = {p: point["state_bytes"] for p, point in curves["FAVOR+ softmax"].items()}
+    cache = {p: point["state_bytes"] for p, point in curves["exact, KV cache"].items()}
+    assert sorted(cache) == [1024, 2048, 4096] and len(set(favor.values())) == 1
+    for position, size in cache.items():
+        assert size == 1 * 2 * position * 64 * 4  # layers x (keys, values) x L x d x float32
+    assert all(point["tokens_per_s"] > 0 for c in curves.values() for point in c.values())
