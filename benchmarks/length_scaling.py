@@ -20,6 +20,15 @@ that takes longer is stopped there), and the table says which. The first step of
 a warm-up; when it takes under ``--repeat-under`` seconds a second one is timed and the faster
 one kept.
 
+Then the paper's concat claim: at L = 8,192 (``--concat-length``), the step's memory at batch 1
+and the largest batch that fits in the budget. The step's memory is affine in the batch, so the
+largest batch is predicted from batches 1 and 2 and then run to confirm that it fits (one smaller
+at a time until one does); the table says which batches were run.
+
+Every measurement is appended to OUT/points.jsonl as it is made, keyed by the contender, L, batch
+and the model's shape; a rerun reuses the ones there, so a stopped run resumes where it was.
+Delete the file to measure again.
+
 Then the decoding curve: tokens/s of one decoding step (batch 1, the same shape, causal) at
 positions doubling from 1,024, FAVOR+'s constant state against the key/value cache of exact
 attention (protperf's own), up to the longest prompt whose cache fits in the budget. The cache is
@@ -128,8 +137,7 @@ def worker(args: argparse.Namespace) -> None:
 
     tune_process()
     import torch
-
-    from protperf.tokenizer import FIRST_RESIDUE_ID, MASK
+    from train_throughput import random_batch  # benchmarks/ is the script's folder
 
     kernel, causal = CONTENDERS[args.contender]
     device = torch.device(args.device)
@@ -137,16 +145,8 @@ def worker(args: argparse.Namespace) -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb * GB / total), device)
     model = build_model(args, kernel, causal, args.length).to(device)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(FIRST_RESIDUE_ID, 30, (1, args.length + 1), generator=generator)
-    if causal:
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    else:  # masked LM: 15% of the positions predicted
-        inputs = tokens[:, :-1].clone()
-        selected = torch.rand(inputs.shape, generator=generator) < 0.15
-        targets = torch.where(selected, inputs, -100)
-        inputs[selected] = MASK
-    inputs, targets = inputs.to(device), targets.to(device)
+    batch = random_batch(args.batch, args.length, causal)
+    inputs, targets = (t.to(device) for t in batch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=args.precision == "bf16-mixed")  # fmt: skip
 
@@ -187,10 +187,36 @@ def _rss_bytes(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
-def measure(args: argparse.Namespace, contender: str, length: int) -> dict:
-    """Run the worker; returns {"seconds", "peak_bytes"} or {"ended": "memory" | "time" | error}."""
+def measure(
+    args: argparse.Namespace,
+    contender: str,
+    length: int,
+    batch: int = 1,
+    time_cap: float | None = None,
+) -> dict:
+    """One step of ``contender`` at (``batch``, ``length``) in a fresh process, or the same
+    measurement from OUT/points.jsonl; returns {"seconds", "peak_bytes"} or {"ended": "memory" |
+    "time" | error}."""
+    time_cap = args.time_cap if time_cap is None else time_cap
+    key = json.dumps([contender, length, batch, time_cap, *_shape_args(args)])
+    cache = args.out / "points.jsonl"
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            record = json.loads(line)
+            if record["key"] == key:
+                return record["result"]
+    result = _run_worker(args, contender, length, batch, time_cap)
+    if not str(result.get("ended", "")).startswith("error"):  # an error is worth a retry
+        with cache.open("a") as file:
+            file.write(json.dumps({"key": key, "result": result}) + "\n")
+    return result
+
+
+def _run_worker(
+    args: argparse.Namespace, contender: str, length: int, batch: int, time_cap: float
+) -> dict:
     command = [sys.executable, __file__, "--worker", "--contender", contender,
-               "--length", str(length), *_shape_args(args)]  # fmt: skip
+               "--length", str(length), "--batch", str(batch), *_shape_args(args)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -223,8 +249,8 @@ def measure(args: argparse.Namespace, contender: str, length: int) -> dict:
             ended = "memory"
         else:
             now = time.perf_counter()
-            stepping = ready_at is not None and now - ready_at > args.time_cap
-            if stepping or now - started > args.time_cap + args.setup_cap:
+            stepping = ready_at is not None and now - ready_at > time_cap
+            if stepping or now - started > time_cap + args.setup_cap:
                 ended = "time"
     if process.poll() is None:
         process.kill()
@@ -274,6 +300,39 @@ def scaling_curves(args: argparse.Namespace) -> dict[str, dict]:
     return curves
 
 
+def concat_batches(args: argparse.Namespace) -> dict[str, dict]:
+    """{contender: {"batch_1": measurement, "largest": B, "confirmed": [(batch, fits)]}} at
+    L = ``--concat-length``: the step's memory at batch 1 and the largest batch within the budget.
+    """
+    length, table = args.concat_length, {}
+    for contender in args.contenders:
+        one = measure(args, contender, length)
+        row = {"batch_1": one, "largest": 0, "runs": [[1, "ended" not in one]]}
+        if "ended" in one:
+            row["largest"] = None if one["ended"] == "time" else 0
+        else:
+            two = measure(args, contender, length, 2, args.batch_time_cap)
+            row["runs"].append([2, "ended" not in two])
+            if "ended" in two:
+                row["largest"] = 1 if two["ended"] == "memory" else None
+            else:
+                per_sequence = max(two["peak_bytes"] - one["peak_bytes"], 1)
+                batch = 1 + int((args.budget_gb * GB - one["peak_bytes"]) // per_sequence)
+                while batch > 2:
+                    fits = "ended" not in measure(args, contender, length, batch,
+                                                  args.batch_time_cap)  # fmt: skip
+                    row["runs"].append([batch, fits])
+                    if fits:
+                        break
+                    batch -= 1
+                row["largest"] = max(batch, 2)
+        table[contender] = row
+        largest = "time cap" if row["largest"] is None else row["largest"]
+        print(f"{contender:<38} L {length:,}: largest batch {largest} "
+              f"(runs {row['runs']})", flush=True)  # fmt: skip
+    return table
+
+
 def decoding_curve(args: argparse.Namespace) -> dict:
     """tokens/s and state bytes at each position: FAVOR+ (softmax and ReLU) and the KV cache."""
     import torch
@@ -318,6 +377,21 @@ def decoding_curve(args: argparse.Namespace) -> dict:
 
 def _time_cell(point: dict | None) -> str:
     return "" if point is None else f"{point['seconds']:.3g}"
+
+
+def format_concat(args: argparse.Namespace, table: dict) -> list[str]:
+    lines = ["", f"The concat data: one step at L = {args.concat_length:,}, and the largest batch "
+             f"within {args.budget_gb:g} GB", "",
+             "| contender | batch 1: peak (GB) | batch 1: step (s) | largest batch | batches run |",
+             "|---|---:|---:|---:|---|"]  # fmt: skip
+    for name, row in table.items():
+        one = row["batch_1"]
+        peak = f"{one['peak_bytes'] / GB:.2f}" if "ended" not in one else f"over ({one['ended']})"
+        largest = "time cap" if row["largest"] is None else f"{row['largest']}"
+        runs = ", ".join(f"{b} {'fits' if fits else 'no'}" for b, fits in row["runs"])
+        lines.append(f"| {name} | {peak} | {_time_cell(one if 'ended' not in one else None)} | "
+                     f"{largest} | {runs} |")  # fmt: skip
+    return lines
 
 
 def format_tables(args: argparse.Namespace, curves: dict, decode: dict | None) -> str:
@@ -421,6 +495,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each process")
+    parser.add_argument("--concat-length", type=int, default=8192,
+                        help="L of the largest-batch table (the concat data's)")  # fmt: skip
+    parser.add_argument("--batch-time-cap", type=float, default=600.0,
+                        help="seconds a step of the largest-batch table may take")  # fmt: skip
+    parser.add_argument("--concat", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--max-decode-position", type=int, default=1 << 19)
     parser.add_argument("--decode-seconds", type=float, default=2.0)
@@ -428,6 +507,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -440,15 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     curves = scaling_curves(args)
+    concat = concat_batches(args) if args.concat else None
     decode = decoding_curve(args) if args.decode and args.device == "cpu" else None
     text = "\n".join([
         f"Model: {args.layers} layers, d {args.dim}, {args.heads} heads, d_ff {args.ff_dim}, "
         f"m = {args.num_features}, batch 1, {args.precision}. Machine: {machine(args)}.", "",
-        format_tables(args, curves, decode), "",
+        format_tables(args, curves, decode), *(format_concat(args, concat) if concat else []), "",
     ])  # fmt: skip
     (args.out / "length_scaling.md").write_text(text)
     (args.out / "length_scaling.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "decode": decode},
+        {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "concat": concat,
+         "decode": decode},
         indent=2) + "\n")  # fmt: skip
     plot(curves, decode, args.out / "length_scaling.png")
     print("\n" + text)

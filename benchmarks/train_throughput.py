@@ -78,13 +78,30 @@ def _return_values_module():
     return ReturnValues()
 
 
+def random_batch(batch: int, length: int, causal: bool):
+    """(inputs, targets), each (batch, length) int64: random residues (seed 0), next tokens for a
+    causal model, 15% of the positions masked and predicted for a masked one."""
+    import torch
+
+    from protperf.tokenizer import FIRST_RESIDUE_ID, MASK, VOCAB_SIZE
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(FIRST_RESIDUE_ID, VOCAB_SIZE, (batch, length + 1), generator=generator)
+    if causal:
+        return tokens[:, :-1], tokens[:, 1:]
+    inputs = tokens[:, :-1].clone()
+    selected = torch.rand(inputs.shape, generator=generator) < 0.15
+    targets = torch.where(selected, inputs, -100)
+    inputs[selected] = MASK
+    return inputs, targets
+
+
 def worker(args: argparse.Namespace) -> dict:
     """Time training steps of one configuration; returns the measurements as a dict."""
     _tune_allocator()
     import torch
 
     from protperf.model import PerformerConfig, PerformerLM
-    from protperf.tokenizer import FIRST_RESIDUE_ID, MASK
 
     torch.set_float32_matmul_precision(args.float32_matmul_precision)  # as protperf train
     kernel, causal = CONFIGS[args.config]
@@ -109,16 +126,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.compile:  # as protperf train --compile: in place, the warm-up steps compile
         model.compile()
     optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-9)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(FIRST_RESIDUE_ID, 30, (args.batch, args.length + 1), generator=generator)
-    if causal:
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    else:  # masked LM: 15 % of the positions predicted
-        inputs = tokens[:, :-1].clone()
-        selected = torch.rand(inputs.shape, generator=generator) < 0.15
-        targets = torch.where(selected, inputs, -100)
-        inputs[selected] = MASK
-    inputs, targets = inputs.to(device), targets.to(device)
+    inputs, targets = (t.to(device) for t in random_batch(args.batch, args.length, causal))
     autocast = torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"
     )

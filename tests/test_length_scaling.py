@@ -26,13 +26,13 @@ def script():
     sys.path.remove(str(SCRIPT.parent))
 
 
-def test_curves_end_at_the_memory_budget_and_the_tables_say_so(script, tmp_path):
+def test_curves_end_at_the_memory_budget_and_the_tables_say_so(script, tmp_path, monkeypatch):
     contenders = ["exact (materialized), bidirectional", "FAVOR+ ReLU, bidirectional"]
     argv = [*TINY, "--max-length", "4096", "--budget-gb", "0.45", "--no-decode",
-            "--out", str(tmp_path), "--contenders", *contenders]  # fmt: skip
+            "--concat-length", "4096", "--out", str(tmp_path), "--contenders", *contenders]  # fmt: skip
     assert script.main(argv) == 0
-    curves = json.loads((tmp_path / "length_scaling.json").read_text())["curves"]
-    materialized, favor = (curves[name] for name in contenders)
+    written = json.loads((tmp_path / "length_scaling.json").read_text())
+    materialized, favor = (written["curves"][name] for name in contenders)
     # The L x L matrices outgrow the budget; FAVOR+'s memory hardly moves.
     assert materialized["ended"] == "memory" and materialized["longest"] in (1024, 2048)
     assert favor["ended"] == "the longest length asked for" and favor["longest"] == 4096
@@ -43,6 +43,33 @@ def test_curves_end_at_the_memory_budget_and_the_tables_say_so(script, tmp_path)
     assert f"| {contenders[0]} | {materialized['longest']:,} |" in table
     assert table.count("| memory |") == 1
     assert (tmp_path / "length_scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The concat table: nothing fits for the L x L matrices; FAVOR+'s largest batch was run and
+    # fits, and its memory grows with the batch.
+    concat = written["concat"]
+    assert concat[contenders[0]]["largest"] == 0
+    row = concat[contenders[1]]
+    largest = row["largest"]
+    assert (
+        largest > 2
+        and row["runs"][-1] == [largest, True]
+        and row["runs"][:2] == [[1, True], [2, True]]
+    )
+    records = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
+    by_batch = {json.loads(r["key"])[2]: r["result"] for r in records
+                if json.loads(r["key"])[:2] == [contenders[1], 4096]}  # fmt: skip
+    assert by_batch[largest]["peak_bytes"] <= 0.45 * script.GB
+    assert by_batch[1]["peak_bytes"] < by_batch[2]["peak_bytes"] < by_batch[largest]["peak_bytes"]
+    assert f"| {contenders[1]} | {by_batch[1]['peak_bytes'] / script.GB:.2f} |" in table
+
+    # A rerun measures nothing again: every point comes from points.jsonl.
+    def no_new_measurements(*args):
+        raise AssertionError(f"measured again: {args[1:]}")
+
+    monkeypatch.setattr(script, "_run_worker", no_new_measurements)
+    (tmp_path / "length_scaling.md").unlink()
+    assert script.main(argv) == 0
+    assert (tmp_path / "length_scaling.md").read_text() == table
 
 
 @pytest.mark.parametrize(
