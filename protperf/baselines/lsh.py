@@ -81,10 +81,35 @@ def _hash(qk: Tensor, rotations: Tensor, half: Tensor) -> Tensor:
     return torch.cat(buckets, dim=2)
 
 
-def _look_back(chunks: Tensor, previous: Tensor) -> Tensor:
-    """Each chunk beside the one before it: (N, K, c, ...) -> (N, K, 2c, ...)."""
-    index = previous.view(*previous.shape, *([1] * (chunks.dim() - 2)))
-    return torch.cat([chunks, chunks.gather(1, index.expand_as(chunks))], dim=2)
+class _SoftmaxLogSumExp(torch.autograd.Function):
+    """(softmax, log-sum-exp) of scores (..., n) -> (..., n), (..., 1), in one pass of exp.
+
+    The log-sum-exp is the top score minus the log of its probability (at least 1/n, so no
+    underflow). Its gradient is the softmax, added to the softmax's own backward in place.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor) -> tuple[Tensor, Tensor]:
+        probs = torch.softmax(scores, dim=-1)
+        top = scores.argmax(dim=-1, keepdim=True)
+        log_norm = scores.gather(-1, top) - probs.gather(-1, top).log()
+        ctx.save_for_backward(probs)
+        return probs, log_norm
+
+    @staticmethod
+    def backward(ctx, grad_probs: Tensor, grad_log_norm: Tensor) -> Tensor:
+        (probs,) = ctx.saved_tensors
+        # The fused kernel of torch.softmax's own backward: probs * (g - sum(g * probs)).
+        grad = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        return grad.addcmul_(probs, grad_log_norm)
+
+
+def _look_back(chunks: Tensor, real_chunks: Tensor) -> Tensor:
+    """Each chunk beside the one before it: (N, K, c, ...) -> (N, K, 2c, ...). A row's first
+    chunk is beside its last chunk of real positions, ``real_chunks`` (N,) - 1."""
+    last = chunks[torch.arange(chunks.shape[0], device=chunks.device), real_chunks - 1]
+    before = torch.cat([last[:, None], chunks[:, :-1]], dim=1)
+    return torch.cat([chunks, before], dim=2)
 
 
 def lsh_attention(
@@ -135,27 +160,26 @@ def lsh_attention(
     chunk = (rows, n_chunks, bucket_size)
     queries = sorted_qk.view(*chunk, dim)
     keys_ = F.normalize(queries, p=2.0, dim=-1)
+    queries = queries * dim**-0.5  # scaled here, on (N, K, c, d), not on the scores
     # The chunk before each one; a row's first chunk looks back at its last chunk of real
     # positions (cyclically, as reformer-pytorch), and a row with one such chunk at nothing.
     real_chunks = (-(-(n_hashes * lengths) // bucket_size)).clamp(min=1)  # (N,)
-    ids = torch.arange(n_chunks, device=device)[None, :]
-    previous = torch.where(ids == 0, real_chunks[:, None] - 1, ids - 1)  # (N, K)
-    keys_ = _look_back(keys_, previous)
-    values = _look_back(sorted_v.view(*chunk, dim), previous)
-    query_position = slot_position.view(chunk)
-    key_position = _look_back(query_position, previous)
-    key_valid = _look_back(slot_valid.view(chunk), previous)
-    key_valid[:, :, bucket_size:] &= (previous != ids)[..., None]  # no chunk twice
-
-    scores = torch.einsum("nkid,nkjd->nkij", queries, keys_) * dim**-0.5
-    blocked = ~key_valid[:, :, None, :]
-    if causal:
-        blocked = blocked | (key_position[:, :, None, :] > query_position[..., None])
-    scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
-    own = key_position[:, :, None, :] == query_position[..., None]
-    scores = scores.masked_fill(own & ~blocked, SELF_LOGIT)
-    log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)  # (N, K, c, 1)
-    out = torch.einsum("nkij,nkjd->nkid", torch.exp(scores - log_norm), values)
+    keys_ = _look_back(keys_, real_chunks)
+    values = _look_back(sorted_v.view(*chunk, dim), real_chunks)
+    scores = torch.einsum("nkid,nkjd->nkij", queries, keys_)  # (N, K, c, 2c)
+    with torch.no_grad():
+        query_position = slot_position.view(chunk)
+        key_position = _look_back(query_position, real_chunks)
+        key_valid = _look_back(slot_valid.view(chunk), real_chunks)
+        # A row with one chunk of real positions looks back at that chunk: not twice.
+        key_valid[:, 0, bucket_size:] &= (real_chunks > 1)[:, None]
+        blocked = ~key_valid[:, :, None, :]
+        if causal:
+            blocked = blocked | (key_position[:, :, None, :] > query_position[..., None])
+        own = (key_position[:, :, None, :] == query_position[..., None]) & ~blocked
+    scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min).masked_fill(own, SELF_LOGIT)
+    probs, log_norm = _SoftmaxLogSumExp.apply(scores)
+    out = torch.einsum("nkij,nkjd->nkid", probs, values)
 
     # Back to the rounds laid end to end, then each position's rounds weighted by their mass.
     inverse = torch.empty_like(order)
