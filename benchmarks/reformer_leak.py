@@ -7,11 +7,16 @@ For each of ``--proteins`` test proteins (cropped to the model's max_length) and
 positions t drawn at random (seeded) in each:
 
 * the teacher-forced loss at t from one forward pass over the whole protein (what training and
-  ``protperf evaluate`` compute), against the loss at t from a forward pass over the prefix
-  ``tokens[: t + 1]`` alone, which no later token can reach. If the model had learned to pass
-  the next residue back through its hashes, the whole-protein loss would be lower;
-* how far the logits at t move when every residue after t is replaced by random ones
-  (relative L2 change, median over positions).
+  ``protperf evaluate`` compute), against the loss at t when everything after t, the target
+  residue included, is replaced by the residues of another test protein (same length, so the
+  same buckets and chunks per round; only the future's content differs). If the model had
+  learned to pass the next residue back through its hashes, the real future would lower the
+  loss: the paired difference, with its standard error, says whether it does;
+* the loss at t from a forward pass over the prefix ``tokens[: t + 1]`` alone, which no later
+  token can reach (what one-token decoding would see; for a Reformer the shorter sequence also
+  has fewer buckets, so this mixes the leak with a change of hashing);
+* how far the logits at t move when the future is swapped (relative L2 change, median over
+  positions).
 
 A strictly causal model (FAVOR+, exact attention) gives 0 for both, up to rounding: run it on
 one as the control.
@@ -34,29 +39,40 @@ def measure(model, proteins: list, positions: int, seed: int) -> dict:
     import torch.nn.functional as F
 
     generator = torch.Generator().manual_seed(seed)
-    whole, prefix, moves = [], [], []
+    whole, swapped, prefix, moves = [], [], [], []
     with torch.no_grad():
-        for tokens in proteins:
+        for i, tokens in enumerate(proteins):
             logits = model(tokens[None])["logits"][0].float()
             picks = torch.randperm(len(tokens) - 1, generator=generator)[:positions]
+            donor = proteins[
+                (i + 1 + int(torch.randint(len(proteins) - 1, (1,), generator=generator)))
+                % len(proteins)
+            ]
             for t in picks.tolist():
                 target = tokens[t + 1]
                 whole.append(F.cross_entropy(logits[t], target).item())
+                changed = tokens.clone()
+                future = len(tokens) - t - 1
+                changed[t + 1 :] = donor[1:-1].repeat(future // max(len(donor) - 2, 1) + 1)[:future]
+                moved = model(changed[None])["logits"][0, t].float()
+                swapped.append(F.cross_entropy(moved, target).item())
+                moves.append(((moved - logits[t]).norm() / logits[t].norm()).item())
                 alone = model(tokens[None, : t + 1])["logits"][0, t].float()
                 prefix.append(F.cross_entropy(alone, target).item())
-                changed = tokens.clone()
-                changed[t + 1 :] = torch.randint(5, 30, (len(tokens) - t - 1,), generator=generator)
-                moved = model(changed[None])["logits"][0, t].float()
-                moves.append(((moved - logits[t]).norm() / logits[t].norm()).item())
-    diffs = [w - p for w, p in zip(whole, prefix, strict=True)]
-    mean = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1))
+
+    def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+        diffs = [x - y for x, y in zip(a, b, strict=True)]
+        mean = sum(diffs) / len(diffs)
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1))
+        return mean, sd / math.sqrt(len(diffs))
+
     return {
-        "positions": len(diffs),
+        "positions": len(whole),
         "loss_whole": sum(whole) / len(whole),
+        "loss_swapped": sum(swapped) / len(swapped),
         "loss_prefix": sum(prefix) / len(prefix),
-        "difference": mean,
-        "difference_se": sd / math.sqrt(len(diffs)),
+        "vs_swapped": paired(whole, swapped),
+        "vs_prefix": paired(whole, prefix),
         "median_logit_move": sorted(moves)[len(moves) // 2],
         "moved_fraction": sum(m > 1e-4 for m in moves) / len(moves),
     }
@@ -103,12 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(model, proteins, args.positions, args.seed)
     print(f"model: {args.model} ({model.config.kernel}); {result['positions']} positions in "
           f"{len(proteins)} test proteins of {args.data}")  # fmt: skip
-    print("| loss, whole protein | loss, prefix alone | whole - prefix (± s.e.) | "
-          "logits moved by the future (median) | positions moved |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| {result['loss_whole']:.4f} | {result['loss_prefix']:.4f} | "
-          f"{result['difference']:+.4f} ± {result['difference_se']:.4f} | "
-          f"{result['median_logit_move']:.2e} | {100 * result['moved_fraction']:.0f}% |")  # fmt: skip
+    print(
+        "| loss, whole protein | future swapped | whole - swapped (± s.e.) | prefix alone | "
+        "whole - prefix (± s.e.) | logits moved by the swap (median) | positions moved |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    (swap, swap_se), (pre, pre_se) = result["vs_swapped"], result["vs_prefix"]
+    print(
+        f"| {result['loss_whole']:.4f} | {result['loss_swapped']:.4f} | {swap:+.4f} ± "
+        f"{swap_se:.4f} | {result['loss_prefix']:.4f} | {pre:+.4f} ± {pre_se:.4f} | "
+        f"{result['median_logit_move']:.2e} | {100 * result['moved_fraction']:.0f}% |"
+    )
     return 0
 
 
