@@ -431,36 +431,60 @@ def format_tables(args: argparse.Namespace, curves: dict, decode: dict | None) -
     return "\n".join(lines)
 
 
-def plot(curves: dict, decode: dict | None, path: Path) -> None:
+#: The curve's last marker says what ended it.
+END_MARKERS = {"memory": "X", "time": "s"}
+
+
+def plot(args: argparse.Namespace, curves: dict, decode: dict | None, path: Path) -> None:
+    """The paper's figure: step time against L, log-log, one panel per direction with OPT dashed
+    in both, each curve ending at its longest L (X: the next L went over the memory budget,
+    square: over the time cap); then peak memory with the budget, and decoding tokens/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 3 if decode else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8))
+    grid = (2, 2) if decode else (1, 3)
+    fig, axes = plt.subplots(*grid, figsize=(6 * grid[1], 4.8 * grid[0]))
+    axes = axes.ravel()
+    colors = dict(zip(["opt", "exact", "materialized", "softmax", "relu", "reformer", "linformer"],
+                      plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))  # fmt: skip
     for name, curve in curves.items():
         points = sorted(curve["points"].items())
         if not points:
             continue
-        xs = [length for length, _ in points]
-        style = "--" if "causal" in name else "-"
-        axes[0].plot(xs, [p["seconds"] for _, p in points], style, marker="o", label=name)
-        axes[1].plot(xs, [p["peak_bytes"] / GB for _, p in points], style, marker="o", label=name)
-    for ax, what in zip(axes[:2], ("forward + backward (s)", "peak memory (GB)"), strict=True):
-        ax.set(xscale="log", yscale="log", xlabel="L", ylabel=what)
+        kernel, causal = CONTENDERS[name]
+        xs = [int(length) for length, _ in points]
+        style = dict(color=colors[kernel], marker="o", markersize=3,
+                     linestyle="--" if kernel == "opt" else "-")  # fmt: skip
+        times = [p["seconds"] for _, p in points]
+        for ax in axes[:2] if kernel == "opt" else [axes[1] if causal else axes[0]]:
+            ax.plot(xs, times, label=name.split(",")[0], **style)
+            if curve["ended"] in END_MARKERS:
+                ax.plot(xs[-1:], times[-1:], END_MARKERS[curve["ended"]], color=style["color"],
+                        markersize=9)  # fmt: skip
+        axes[2].plot(xs, [p["peak_bytes"] / GB for _, p in points], label=name,
+                     **{**style, "linestyle": ":" if causal else style["linestyle"]})  # fmt: skip
+    axes[2].axhline(args.budget_gb, color="grey", linewidth=0.8)
+    titles = ("bidirectional", "causal", "peak memory (dotted: causal)")
+    labels = ("forward + backward (s)", "forward + backward (s)", "peak memory (GB)")
+    for ax, title, label in zip(axes[:3], titles, labels, strict=True):
+        ax.set(xscale="log", yscale="log", xlabel="L", ylabel=label, title=title)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=6)
+        ax.legend(fontsize=6)
     if decode:
         for name, points in decode.items():
-            xs = sorted(points)
-            axes[2].plot(xs, [points[x]["tokens_per_s"] for x in xs], marker="o", label=name)
-        axes[2].set(xscale="log", yscale="log", xlabel="position", ylabel="decoding tokens/s")
-        axes[2].set_xscale("log", base=2)
-        axes[2].grid(alpha=0.3, which="both")
-        axes[2].legend(fontsize=7)
-    fig.suptitle("Speed against length: one training pass, and decoding")
+            xs = sorted(points, key=int)
+            axes[3].plot([int(x) for x in xs], [points[x]["tokens_per_s"] for x in xs],
+                         marker="o", markersize=3, label=name)  # fmt: skip
+        axes[3].set(xscale="log", yscale="log", xlabel="position", ylabel="tokens/s",
+                    title="decoding, batch 1")  # fmt: skip
+        axes[3].set_xscale("log", base=2)
+        axes[3].grid(alpha=0.3, which="both")
+        axes[3].legend(fontsize=7)
+    fig.suptitle("One training step against L (X: next L over the memory budget, square: over "
+                 "the time cap), and decoding")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -532,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         {"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves, "concat": concat,
          "decode": decode},
         indent=2) + "\n")  # fmt: skip
-    plot(curves, decode, args.out / "length_scaling.png")
+    plot(args, curves, decode, args.out / "length_scaling.png")
     print("\n" + text)
     print(f"wrote {args.out}/length_scaling.md, .json and .png")
     return 0
