@@ -301,33 +301,51 @@ def scaling_curves(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def concat_batches(args: argparse.Namespace) -> dict[str, dict]:
-    """{contender: {"batch_1": measurement, "largest": B, "confirmed": [(batch, fits)]}} at
-    L = ``--concat-length``: the step's memory at batch 1 and the largest batch within the budget.
-    """
+    """{contender: {"batch_1": measurement, "largest": B, "limit": "memory" | "time" | None,
+    "runs": [[batch, fits]]}} at L = ``--concat-length``: the step's memory at batch 1 and the
+    largest batch within the budget. Batch 2 gives the memory per sequence; the prediction from it
+    is run, then the search bisects between the largest batch that fitted and the smallest that
+    went over. A step over ``--batch-time-cap`` ends the search: the largest batch is then a
+    lower bound ("limit": "time")."""
     length, table = args.concat_length, {}
     for contender in args.contenders:
         one = measure(args, contender, length)
-        row = {"batch_1": one, "largest": 0, "runs": [[1, "ended" not in one]]}
-        if "ended" in one:
-            row["largest"] = None if one["ended"] == "time" else 0
-        else:
-            two = measure(args, contender, length, 2, args.batch_time_cap)
-            row["runs"].append([2, "ended" not in two])
-            if "ended" in two:
-                row["largest"] = 1 if two["ended"] == "memory" else None
-            else:
-                per_sequence = max(two["peak_bytes"] - one["peak_bytes"], 1)
-                batch = 1 + int((args.budget_gb * GB - one["peak_bytes"]) // per_sequence)
-                while batch > 2:
-                    fits = "ended" not in measure(args, contender, length, batch,
-                                                  args.batch_time_cap)  # fmt: skip
-                    row["runs"].append([batch, fits])
-                    if fits:
-                        break
-                    batch -= 1
-                row["largest"] = max(batch, 2)
+        row = {
+            "batch_1": one,
+            "largest": 0,
+            "limit": one.get("ended"),
+            "runs": [[1, "ended" not in one]],
+        }
+        if "ended" not in one:
+            row["largest"], over, probe = 1, None, 2
+            while probe is not None:
+                result = measure(args, contender, length, probe, args.batch_time_cap)
+                row["runs"].append([probe, "ended" not in result])
+                if result.get("ended") == "time" or str(result.get("ended", "")).startswith(
+                    "error"
+                ):
+                    row["limit"] = result["ended"]
+                    break
+                if "ended" in result:
+                    over = probe
+                elif probe == 2:
+                    row["largest"] = 2
+                    per_sequence = max(result["peak_bytes"] - one["peak_bytes"], 1)
+                    over = None
+                    probe = 1 + int((args.budget_gb * GB - one["peak_bytes"]) // per_sequence)
+                    probe = max(probe, 3)
+                    continue
+                else:
+                    row["largest"] = probe
+                row["limit"] = "memory" if over is not None else row["limit"]
+                if over is None:
+                    probe += 1
+                elif over - row["largest"] > 1:
+                    probe = (row["largest"] + over) // 2
+                else:
+                    probe = None
         table[contender] = row
-        largest = "time cap" if row["largest"] is None else row["largest"]
+        largest = row["largest"] if row["limit"] != "time" else f">= {row['largest']} (time cap)"
         print(f"{contender:<38} L {length:,}: largest batch {largest} "
               f"(runs {row['runs']})", flush=True)  # fmt: skip
     return table
@@ -387,7 +405,7 @@ def format_concat(args: argparse.Namespace, table: dict) -> list[str]:
     for name, row in table.items():
         one = row["batch_1"]
         peak = f"{one['peak_bytes'] / GB:.2f}" if "ended" not in one else f"over ({one['ended']})"
-        largest = "time cap" if row["largest"] is None else f"{row['largest']}"
+        largest = f"{row['largest']}" + (" (time cap: at least)" if row["limit"] == "time" else "")
         runs = ", ".join(f"{b} {'fits' if fits else 'no'}" for b, fits in row["runs"])
         lines.append(f"| {name} | {peak} | {_time_cell(one if 'ended' not in one else None)} | "
                      f"{largest} | {runs} |")  # fmt: skip
