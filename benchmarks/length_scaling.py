@@ -331,8 +331,18 @@ def concat_batches(args: argparse.Namespace) -> dict[str, dict]:
                 elif probe == 2:
                     row["largest"] = 2
                     per_sequence = max(result["peak_bytes"] - one["peak_bytes"], 1)
-                    over = None
                     probe = 1 + int((args.budget_gb * GB - one["peak_bytes"]) // per_sequence)
+                    # A step that would pass the time cap is not run: the largest batch within
+                    # it is, and stands as a lower bound.
+                    in_time = int(0.9 * args.batch_time_cap / (result["seconds"] / 2))
+                    if in_time < probe:
+                        if in_time > 2:
+                            fits = "ended" not in measure(args, contender, length, in_time,
+                                                          args.batch_time_cap)  # fmt: skip
+                            row["runs"].append([in_time, fits])
+                            row["largest"] = in_time if fits else 2
+                        row["limit"] = "time"
+                        break
                     probe = max(probe, 3)
                     continue
                 else:
