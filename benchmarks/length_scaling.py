@@ -300,64 +300,52 @@ def scaling_curves(args: argparse.Namespace) -> dict[str, dict]:
     return curves
 
 
+def largest_batch(args: argparse.Namespace, contender: str, length: int, one: dict):
+    """(largest batch, what stopped it, [[batch, fits]]) given the batch-1 step ``one`` that fit.
+
+    Batch 2 gives the memory and time per sequence. The search starts at the batch predicted to
+    fill the budget, then bisects between the largest batch that fitted and the smallest that went
+    over. A batch whose step would pass ``--batch-time-cap`` is not run: the search stops below
+    it, and the largest batch is a lower bound ("time")."""
+    cap, runs = args.batch_time_cap, [[1, True]]
+    two = measure(args, contender, length, 2, cap)
+    runs.append([2, "ended" not in two])
+    if "ended" in two:
+        return 1, two["ended"], runs
+    per_sequence = max(two["peak_bytes"] - one["peak_bytes"], 1)
+    predicted = 1 + int((args.budget_gb * GB - one["peak_bytes"]) // per_sequence)
+    in_time = int(0.9 * cap / (two["seconds"] / 2))
+    fitted, over, probe = 2, None, max(3, min(predicted, in_time))
+    while over is None or over - fitted > 1:
+        if probe > in_time:
+            return fitted, "time", runs
+        result = measure(args, contender, length, probe, cap)
+        runs.append([probe, "ended" not in result])
+        if result.get("ended") == "memory":
+            over = probe
+        elif "ended" in result:
+            return fitted, result["ended"], runs
+        else:
+            fitted = probe
+        probe = fitted + 1 if over is None else (fitted + over) // 2
+    return fitted, "memory", runs
+
+
 def concat_batches(args: argparse.Namespace) -> dict[str, dict]:
     """{contender: {"batch_1": measurement, "largest": B, "limit": "memory" | "time" | None,
     "runs": [[batch, fits]]}} at L = ``--concat-length``: the step's memory at batch 1 and the
-    largest batch within the budget. Batch 2 gives the memory per sequence; the prediction from it
-    is run, then the search bisects between the largest batch that fitted and the smallest that
-    went over. A step over ``--batch-time-cap`` ends the search: the largest batch is then a
-    lower bound ("limit": "time")."""
+    largest batch within the budget (:func:`largest_batch`)."""
     length, table = args.concat_length, {}
     for contender in args.contenders:
         one = measure(args, contender, length)
-        row = {
-            "batch_1": one,
-            "largest": 0,
-            "limit": one.get("ended"),
-            "runs": [[1, "ended" not in one]],
-        }
-        if "ended" not in one:
-            row["largest"], over, probe = 1, None, 2
-            while probe is not None:
-                result = measure(args, contender, length, probe, args.batch_time_cap)
-                row["runs"].append([probe, "ended" not in result])
-                if result.get("ended") == "time" or str(result.get("ended", "")).startswith(
-                    "error"
-                ):
-                    row["limit"] = result["ended"]
-                    break
-                if "ended" in result:
-                    over = probe
-                elif probe == 2:
-                    row["largest"] = 2
-                    per_sequence = max(result["peak_bytes"] - one["peak_bytes"], 1)
-                    probe = 1 + int((args.budget_gb * GB - one["peak_bytes"]) // per_sequence)
-                    # A step that would pass the time cap is not run: the largest batch within
-                    # it is, and stands as a lower bound.
-                    in_time = int(0.9 * args.batch_time_cap / (result["seconds"] / 2))
-                    if in_time < probe:
-                        if in_time > 2:
-                            fits = "ended" not in measure(args, contender, length, in_time,
-                                                          args.batch_time_cap)  # fmt: skip
-                            row["runs"].append([in_time, fits])
-                            row["largest"] = in_time if fits else 2
-                        row["limit"] = "time"
-                        break
-                    probe = max(probe, 3)
-                    continue
-                else:
-                    row["largest"] = probe
-                row["limit"] = "memory" if over is not None else row["limit"]
-                if over is None:
-                    probe += 1
-                elif over - row["largest"] > 1:
-                    probe = (row["largest"] + over) // 2
-                else:
-                    probe = None
+        if "ended" in one:
+            largest, limit, runs = 0, one["ended"], [[1, False]]
+        else:
+            largest, limit, runs = largest_batch(args, contender, length, one)
+        row = {"batch_1": one, "largest": largest, "limit": limit, "runs": runs}
         table[contender] = row
-        largest = row["largest"] if row["limit"] != "time" else f">= {row['largest']} (time cap)"
-        print(f"{contender:<38} L {length:,}: largest batch {largest} "
-              f"(runs {row['runs']})", flush=True)  # fmt: skip
+        shown = largest if limit != "time" else f">= {largest} (time cap)"
+        print(f"{contender:<38} L {length:,}: largest batch {shown} (runs {runs})", flush=True)
     return table
 
 
