@@ -488,7 +488,8 @@ def plot(args: argparse.Namespace, curves: dict, decode: dict | None, path: Path
         ax.set(xscale="log", yscale="log", xlabel="L", ylabel=label, title=title)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # a panel with no curve has nothing to label
+            ax.legend(fontsize=6)
     if decode:
         for name, points in decode.items():
             xs = sorted(points, key=int)

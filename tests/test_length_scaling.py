@@ -13,6 +13,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "length_scaling.py"
+BUDGET_GB = 0.55
 TINY = ["--layers", "1", "--dim", "64", "--heads", "2", "--ff-dim", "128", "--num-features", "16"]
 
 
@@ -28,7 +29,9 @@ def script():
 
 def test_curves_end_at_the_memory_budget_and_the_tables_say_so(script, tmp_path, monkeypatch):
     contenders = ["exact (materialized), bidirectional", "FAVOR+ ReLU, bidirectional"]
-    argv = [*TINY, "--max-length", "4096", "--budget-gb", "0.45", "--no-decode",
+    # The budget leaves FAVOR+ several sequences above a process that imports torch (0.25 to
+    # 0.35 GB, depending on the environment) while the materialized 4,096 x 4,096 step needs more.
+    argv = [*TINY, "--max-length", "4096", "--budget-gb", f"{BUDGET_GB}", "--no-decode",
             "--concat-length", "4096", "--out", str(tmp_path), "--contenders", *contenders]  # fmt: skip
     assert script.main(argv) == 0
     written = json.loads((tmp_path / "length_scaling.json").read_text())
@@ -37,7 +40,7 @@ def test_curves_end_at_the_memory_budget_and_the_tables_say_so(script, tmp_path,
     assert materialized["ended"] == "memory" and materialized["longest"] in (1024, 2048)
     assert favor["ended"] == "the longest length asked for" and favor["longest"] == 4096
     peaks = {int(length): point["peak_bytes"] for length, point in favor["points"].items()}
-    assert max(peaks.values()) < 0.45 * script.GB
+    assert max(peaks.values()) < BUDGET_GB * script.GB
     assert peaks[4096] - peaks[1024] < 0.1 * script.GB
     table = (tmp_path / "length_scaling.md").read_text()
     assert f"| {contenders[0]} | {materialized['longest']:,} |" in table
@@ -56,7 +59,7 @@ def test_curves_end_at_the_memory_budget_and_the_tables_say_so(script, tmp_path,
     records = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
     by_batch = {json.loads(r["key"])[2]: r["result"] for r in records
                 if json.loads(r["key"])[:2] == [contenders[1], 4096]}  # fmt: skip
-    assert by_batch[largest]["peak_bytes"] <= 0.45 * script.GB
+    assert by_batch[largest]["peak_bytes"] <= BUDGET_GB * script.GB
     assert by_batch[1]["peak_bytes"] < by_batch[2]["peak_bytes"] < by_batch[largest]["peak_bytes"]
     assert f"| {contenders[1]} | {by_batch[1]['peak_bytes'] / script.GB:.2f} |" in table
 
