@@ -56,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 #: name -> (kernel, causal); "opt" and "materialized" are the benchmark's own attentions.
@@ -198,14 +199,21 @@ def measure(
     measurement from OUT/points.jsonl; returns {"seconds", "peak_bytes"} or {"ended": "memory" |
     "time" | error}."""
     time_cap = args.time_cap if time_cap is None else time_cap
-    key = json.dumps([contender, length, batch, time_cap, *_shape_args(args)])
+    key = [contender, length, batch, time_cap, *_shape_args(args)]
+    return _remembered(args, key, lambda: _run_worker(args, contender, length, batch, time_cap))
+
+
+def _remembered(args: argparse.Namespace, key: list, compute) -> dict:
+    """``compute()``'s result, or the result recorded under ``key`` in OUT/points.jsonl: a
+    killed run loses at most the point it was measuring."""
+    key = json.dumps(key)
     cache = args.out / "points.jsonl"
     if cache.exists():
         for line in cache.read_text().splitlines():
             record = json.loads(line)
             if record["key"] == key:
                 return record["result"]
-    result = _run_worker(args, contender, length, batch, time_cap)
+    result = compute()
     if not str(result.get("ended", "")).startswith("error"):  # an error is worth a retry
         with cache.open("a") as file:
             file.write(json.dumps({"key": key, "result": result}) + "\n")
@@ -350,7 +358,32 @@ def concat_batches(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def decoding_curve(args: argparse.Namespace) -> dict:
-    """tokens/s and state bytes at each position: FAVOR+ (softmax and ReLU) and the KV cache."""
+    """tokens/s and state bytes at each position: FAVOR+ (softmax and ReLU) and the KV cache.
+
+    The cache's curve ends where a step no longer fits the budget: appending a token copies the
+    cache, so the step holds it twice.
+    """
+    per_token = args.layers * 2 * args.dim * 4  # keys and values of every layer, float32
+    curves: dict[str, dict[int, dict]] = {}
+    for name, kernel in (("FAVOR+ softmax", "softmax"), ("FAVOR+ ReLU", "relu"),
+                         ("exact, KV cache", "exact")):  # fmt: skip
+        curves[name] = {}
+        position = 1024
+        while position <= args.max_decode_position:
+            if kernel == "exact" and 2 * position * per_token > args.budget_gb * GB:
+                break
+            key = ["decode", kernel, position, args.decode_seconds, *_shape_args(args)]
+            point = _remembered(args, key, partial(_decode_point, args, kernel, position))
+            curves[name][position] = point
+            print(f"decode {name:<16} position {position:>9,}: {point['tokens_per_s']:8.1f} "
+                  f"tokens/s, state {point['state_bytes'] / MB:,.2f} MB", flush=True)  # fmt: skip
+            position *= 2
+    return curves
+
+
+def _decode_point(args: argparse.Namespace, kernel: str, position: int) -> dict:
+    """{"tokens_per_s", "state_bytes"} of one decoding step at ``position`` (batch 1), the same
+    state each time: FAVOR+'s state is the same size at every position, the cache random."""
     import torch
     from embed_generate import state_bytes  # benchmarks/ is the script's folder
 
@@ -358,37 +391,22 @@ def decoding_curve(args: argparse.Namespace) -> dict:
     from protperf.model import LayerState
 
     torch.set_num_threads(args.threads)
-    head_dim = args.dim // args.heads
-    per_token = args.layers * 2 * args.dim * 4  # keys and values of every layer, float32
-    curves: dict[str, dict[int, dict]] = {}
-    for name, kernel in (("FAVOR+ softmax", "softmax"), ("FAVOR+ ReLU", "relu"),
-                         ("exact, KV cache", "exact")):  # fmt: skip
-        model = build_model(args, kernel, True, 1024).eval()
-        token = torch.tensor([7])
+    model = build_model(args, kernel, True, 1024).eval()
+    token = torch.tensor([7])
+    with torch.no_grad():
         _, states = model.decode_step(token, None, 0)
-        curves[name] = {}
-        position = 1024
-        while position <= args.max_decode_position:
-            if kernel == "exact":
-                if position * per_token > args.budget_gb * GB:
-                    break
-                states = [LayerState(DecodeState(
-                    torch.randn(1, args.heads, position, head_dim),
-                    torch.randn(1, args.heads, position, head_dim)), None)
-                    for _ in range(args.layers)]  # fmt: skip
-            size = state_bytes(states)
-            steps, start = 0, time.perf_counter()
-            with torch.no_grad():
-                while steps < 3 or time.perf_counter() - start < args.decode_seconds:
-                    # The same state each time: the cost of the step at this position.
-                    model.decode_step(token, states, position)
-                    steps += 1
-            rate = steps / (time.perf_counter() - start)
-            curves[name][position] = {"tokens_per_s": rate, "state_bytes": size}
-            print(f"decode {name:<16} position {position:>9,}: {rate:8.1f} tokens/s, "
-                  f"state {size / MB:,.2f} MB", flush=True)  # fmt: skip
-            position *= 2
-    return curves
+        if kernel == "exact":
+            head_dim = args.dim // args.heads
+            states = [LayerState(DecodeState(
+                torch.randn(1, args.heads, position, head_dim),
+                torch.randn(1, args.heads, position, head_dim)), None)
+                for _ in range(args.layers)]  # fmt: skip
+        steps, start = 0, time.perf_counter()
+        while steps < 3 or time.perf_counter() - start < args.decode_seconds:
+            model.decode_step(token, states, position)
+            steps += 1
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": steps / seconds, "state_bytes": state_bytes(states)}
 
 
 def _time_cell(point: dict | None) -> str:

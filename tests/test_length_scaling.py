@@ -97,12 +97,22 @@ def test_each_contender_builds_the_model_it_names(script, contender):
     assert model(tokens)["logits"].shape == (1, 256, 30)
 
 
-def test_decoding_states_are_constant_for_favor_and_linear_for_the_cache(script):
-    args = script.parse_args([*TINY, "--max-decode-position", "4096", "--decode-seconds", "0"])
-    curves = script.decoding_curve(args)
+def test_decoding_states_are_constant_for_favor_and_linear_for_the_cache(
+    script, tmp_path, monkeypatch
+):
+    # 3 MB: a step holds the cache twice (it is copied to append a token), so 2,048 is the last
+    # position that fits (2 x 1 MB) and 4,096 (2 x 2 MB) is over.
+    argv = [*TINY, "--max-decode-position", "8192", "--decode-seconds", "0", "--budget-gb",
+            "0.003", "--out", str(tmp_path)]  # fmt: skip
+    curves = script.decoding_curve(script.parse_args(argv))
     favor = {p: point["state_bytes"] for p, point in curves["FAVOR+ softmax"].items()}
     cache = {p: point["state_bytes"] for p, point in curves["exact, KV cache"].items()}
-    assert sorted(cache) == [1024, 2048, 4096] and len(set(favor.values())) == 1
+    assert sorted(favor) == [1024, 2048, 4096, 8192] and len(set(favor.values())) == 1
+    assert sorted(cache) == [1024, 2048]
     for position, size in cache.items():
         assert size == 1 * 2 * position * 64 * 4  # layers x (keys, values) x L x d x float32
     assert all(point["tokens_per_s"] > 0 for c in curves.values() for point in c.values())
+
+    # A rerun reads every point back from points.jsonl.
+    monkeypatch.setattr(script, "_decode_point", lambda *args: pytest.fail(f"measured {args[1:]}"))
+    assert script.decoding_curve(script.parse_args(argv)) == curves
